@@ -1,4 +1,4 @@
-"""The step-level MDP (StepPO, arXiv 2604.18401, Sec. 3): records and batching.
+"""The step-level MDP (StepPO, arXiv 2604.18401, 'step-level MDP'): records and batching.
 
 An agent's action is one whole model response of one turn. A `Step` keeps the exact token context the
 policy saw (s_t = prompt_ids), the response it produced (a_t = action_ids) with the engine's log-probs, and
@@ -84,7 +84,7 @@ def extends(prefix: list[int], ids: list[int]) -> bool:
 
 
 def packable(traj: Trajectory) -> bool:
-    """Every step's prompt extends the previous step's prompt + action (Sec. 5, shared-prefix reuse)."""
+    """Every step's prompt extends the previous step's prompt + action (StepPO systems design: shared-prefix reuse)."""
     return all(extends(a.prompt_ids + a.action_ids, b.prompt_ids) for a, b in zip(traj.steps, traj.steps[1:]))
 
 

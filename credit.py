@@ -1,0 +1,136 @@
+"""Credit assignment: returns and advantages at the step level, with the token- and trajectory-level baselines.
+
+StepPO (arXiv 2604.18401, 'step-level credit assignment') runs GAE over turns: one time step = one whole response, the critic is
+read at step boundaries, and advantages are whitened over steps. `token_gae` is token-level PPO's GAE (the
+baseline the paper argues against); `grpo`, `rloo` and `gigpo` are critic-free group baselines.
+
+Shapes: (N, T) = trajectories x steps, left-aligned, `step_mask` 1 on real steps; (N, L) = trajectories x
+tokens. Every function is vectorised over trajectories; the only Python loops run over time.
+"""
+import torch
+
+
+def step_gae(rewards, values, step_mask, gamma, lam, bootstrap=None):
+    """Step-level GAE (StepPO step-level credit assignment; GAE of Schulman et al. 2016 over turns). All inputs/outputs (N, T).
+
+    For trajectory i with T_i steps: V(s_{T_i}) = bootstrap[i] (0 when None: the episode terminated),
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t + gamma lam A_{t+1}, A_{T_i} = 0; returns = A + V.
+    Entries outside step_mask are 0 in both outputs.
+    """
+    N, T = rewards.shape
+    mask = step_mask.to(rewards.dtype)
+    values = values * mask
+    boot = torch.zeros(N, dtype=rewards.dtype) if bootstrap is None else bootstrap.to(rewards.dtype)
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros(N, dtype=rewards.dtype)
+    next_value = boot.clone()  # used only at each trajectory's last real step
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        is_last = (m > 0) & ((mask[:, t + 1] == 0) if t + 1 < T else torch.ones(N, dtype=torch.bool))
+        v_next = torch.where(is_last, boot, next_value)
+        a_next = torch.where(is_last, torch.zeros_like(next_adv), next_adv)
+        delta = rewards[:, t] + gamma * v_next - values[:, t]
+        adv[:, t] = (delta + gamma * lam * a_next) * m
+        next_adv, next_value = adv[:, t], values[:, t]
+    returns = (adv + values) * mask
+    return adv, returns
+
+
+def whiten(x, mask, eps=1e-8):
+    """(x - mean) / (std + eps) over the entries where mask is 1 (unbiased std); 0 elsewhere.
+
+    Step-level whitening (StepPO): one entry per step, never one per token. Fewer than 2 entries -> zeros.
+    """
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    if n < 2:
+        return torch.zeros_like(x)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1)
+    return (x - mean) / (var.sqrt() + eps) * mask
+
+
+def token_gae(token_rewards, token_values, token_mask, gamma, lam, bootstrap=None):
+    """Token-level GAE of standard PPO for LLMs (the token-level MDP that StepPO argues against). All inputs/outputs (N, L).
+
+    Only positions with mask 1 (action tokens) are time steps; the recursion skips mask-0 positions
+    (environment tokens, padding) without advancing. After the last action token the next value is
+    bootstrap[i] (0 when None). Outputs are 0 outside the mask.
+    """
+    N, L = token_rewards.shape
+    mask = token_mask.to(token_rewards.dtype)
+    dtype = token_rewards.dtype
+    adv = torch.zeros_like(token_rewards)
+    next_adv = torch.zeros(N, dtype=dtype)
+    next_value = torch.zeros(N, dtype=dtype) if bootstrap is None else bootstrap.to(dtype).clone()
+    for t in reversed(range(L)):
+        m = mask[:, t] > 0
+        delta = token_rewards[:, t] + gamma * next_value - token_values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = torch.where(m, a, torch.zeros_like(a))
+        next_adv = torch.where(m, a, next_adv)  # mask-0 positions carry the recursion through unchanged
+        next_value = torch.where(m, token_values[:, t].to(dtype), next_value)
+    returns = (adv + token_values) * mask
+    return adv, returns
+
+
+def _group_stats(x, group_ids):
+    """Per-element group size, group mean and unbiased group variance (0 for groups of one). All (N,)."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    G = int(inv.max()) + 1
+    count = torch.zeros(G, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
+    total = torch.zeros(G, dtype=x.dtype).index_add_(0, inv, x)
+    mean = total / count
+    sq = torch.zeros(G, dtype=x.dtype).index_add_(0, inv, (x - mean[inv]) ** 2)
+    var = sq / (count - 1).clamp(min=1)
+    return count[inv], mean[inv], var[inv]
+
+
+def grpo(scores, group_ids, std_normalize=True, eps=1e-6):
+    """GRPO outcome advantage (DeepSeekMath, Shao et al. 2024, Sec. 4.1.2). (N,) -> (N,).
+
+    (s - group mean) / (unbiased group std + eps).
+    With std_normalize=False: s - group mean (Dr. GRPO). A group of one gets 0.
+    """
+    scores = scores.to(torch.float32) if not scores.is_floating_point() else scores
+    count, mean, var = _group_stats(scores, group_ids)
+    adv = scores - mean
+    if std_normalize:
+        adv = adv / (var.sqrt() + eps)
+    return torch.where(count > 1, adv, torch.zeros_like(adv))
+
+
+def rloo(scores, group_ids):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): s_i minus the mean of the others in its group. (N,).
+
+    A group of one gets 0.
+    """
+    scores = scores.to(torch.float32) if not scores.is_floating_point() else scores
+    count, mean, _ = _group_stats(scores, group_ids)
+    others = (mean * count - scores) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, scores - others, torch.zeros_like(scores))
+
+
+def gigpo(rewards, step_mask, group_ids, state_ids, gamma, step_weight=1.0, eps=1e-6):
+    """GiGPO (Feng et al. 2025, arXiv 2505.10978, Sec. 4): episode + step-level relative advantages. (N, T).
+
+    Episode part: `grpo` of each trajectory's undiscounted total reward, broadcast to its steps.
+    Step part: discounted reward-to-go G_t, normalised as (G - mean) / (unbiased std + eps) within each anchor
+    group = the valid steps sharing (group_id, state_id); an anchor group of one gets 0.
+    Result = episode + step_weight * step, 0 outside step_mask.
+    """
+    mask = step_mask.to(rewards.dtype)
+    r = rewards * mask
+    episode = grpo(r.sum(1), group_ids)[:, None].expand_as(r)
+    G = torch.zeros_like(r)  # discounted reward-to-go, (N, T)
+    running = torch.zeros(r.shape[0], dtype=r.dtype)
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running
+        G[:, t] = running
+    valid = mask.reshape(-1) > 0
+    _, group = torch.unique(group_ids, return_inverse=True)
+    keys = torch.stack([group[:, None].expand_as(state_ids).reshape(-1), state_ids.reshape(-1)], 1)[valid]
+    _, anchor = torch.unique(keys, dim=0, return_inverse=True)
+    step = torch.zeros_like(G).reshape(-1)
+    step[valid] = grpo(G.reshape(-1)[valid], anchor, eps=eps)
+    return (episode + step_weight * step.reshape(G.shape)) * mask

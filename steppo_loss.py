@@ -1,0 +1,113 @@
+"""Objectives: the step-aligned clipped policy loss of StepPO, token-level PPO's loss, the critic loss and KL.
+
+StepPO (arXiv 2604.18401, 'step-aligned policy optimization') gives each step ONE importance ratio, the
+geometric mean of its token ratios, and clips it once: the unit that is rewarded is the unit that is clipped.
+Applied to whole-trajectory rows the same function is GSPO (Zheng et al. 2025, arXiv 2507.18071).
+
+Shapes: (B, L) = rows x tokens. The log-prob of input_ids[:, j] comes from the logits at position j - 1.
+"""
+import torch
+import torch.nn.functional as F
+
+LOG_RATIO_LIMIT = 20.0  # |log r| is clamped here so exp never overflows into inf * 0 = NaN
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_logprobs(logits, input_ids, chunk_tokens=1 << 16):
+    """Per-token log-probs (B, L) from logits (B, L, V): column 0 is 0, column j = log_softmax(logits[:, j-1])[ids[:, j]].
+
+    Computed as logit[target] - logsumexp(logits) in fp32, chunked over rows so at most `chunk_tokens` x V
+    floats of temporaries exist at once; no second (B, L, V) tensor is materialised.
+    """
+    B, L, V = logits.shape
+    out = logits.new_zeros(B, L, dtype=torch.float32)
+    rows = max(1, chunk_tokens // max(L, 1))
+    for i in range(0, B, rows):
+        lg = logits[i : i + rows, :-1]  # (b, L-1, V) view
+        tgt = input_ids[i : i + rows, 1:, None]
+        picked = lg.gather(-1, tgt).squeeze(-1).float()
+        out[i : i + rows, 1:] = picked - torch.logsumexp(lg.float(), dim=-1)
+    return out
+
+
+@torch.no_grad()
+def token_entropy(logits, chunk_tokens=1 << 16):
+    """Entropy (B, L) of the next-token distribution at each position (a diagnostic; no gradient)."""
+    B, L, V = logits.shape
+    out = logits.new_zeros(B, L, dtype=torch.float32)
+    rows = max(1, chunk_tokens // max(L, 1))
+    for i in range(0, B, rows):
+        lp = F.log_softmax(logits[i : i + rows].float(), dim=-1)
+        out[i : i + rows] = -(lp.exp() * lp).sum(-1)
+    return out
+
+
+def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high):
+    """Step-aligned clipped objective (StepPO). logprobs, old_logprobs, action_mask (B, L); advantages (B,).
+
+    Per row (one step): log r = sum(mask (lp - old)) / sum(mask), the geometric mean of the step's token
+    ratios; l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A). loss = mean of l over rows with at least
+    one action token. The gradient reaches every token of the step through log r.
+    """
+    mask = action_mask.to(logprobs.dtype)
+    n_tok = mask.sum(-1)  # (B,)
+    valid = (n_tok > 0).to(logprobs.dtype)
+    log_r = (mask * (logprobs - old_logprobs)).sum(-1) / n_tok.clamp(min=1)
+    log_r = log_r.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_r.exp()
+    A = advantages.to(logprobs.dtype)
+    pg1 = -A * ratio
+    pg2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = _masked_mean(torch.max(pg1, pg2), valid)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(logprobs.dtype)
+        stats = {
+            "clipfrac": _masked_mean(clipped, valid).item(),
+            # k3 estimator of KL(old || new) per step, http://joschu.net/blog/kl-approx.html
+            "approx_kl": _masked_mean((ratio - 1) - log_r, valid).item(),
+            "ratio_mean": _masked_mean(ratio, valid).item(),
+        }
+    return loss, stats
+
+
+def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high):
+    """Token-level PPO clip (Schulman et al. 2017, Eq. 7), every (B, L): one ratio and one clip per token.
+
+    loss = sum(mask * l) / sum(mask) with l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
+    """
+    mask = action_mask.to(logprobs.dtype)
+    log_r = ((logprobs - old_logprobs) * mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_r.exp()
+    A = advantages.to(logprobs.dtype)
+    pg1 = -A * ratio
+    pg2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = _masked_mean(torch.max(pg1, pg2), mask)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(logprobs.dtype)
+        stats = {
+            "clipfrac": _masked_mean(clipped, mask).item(),
+            "approx_kl": _masked_mean((ratio - 1) - log_r, mask).item(),
+            "ratio_mean": _masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip):
+    """Clipped value loss (PPO as in CleanRL / OpenAI baselines): 0.5 * masked mean of
+    max((v - R)^2, (old + clamp(v - old, -clip, clip) - R)^2). Any shape, all inputs alike.
+    """
+    mask = mask.to(values.dtype)
+    unclipped = (values - returns) ** 2
+    clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
+    return 0.5 * _masked_mean(torch.max(unclipped, clipped), mask)
+
+
+def kl_k3(logprobs, ref_logprobs, mask):
+    """KL(pi || ref) by the k3 estimator (Schulman 2020; as in GRPO, Shao et al. 2024, Eq. 4):
+    masked mean of exp(ref - lp) - (ref - lp) - 1. Non-negative for every token."""
+    mask = mask.to(logprobs.dtype)
+    d = ((ref_logprobs - logprobs) * mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return _masked_mean(d.exp() - d - 1, mask)

@@ -1,0 +1,201 @@
+"""credit.py against hand-worked numbers and slow, obviously-correct per-trajectory loops."""
+import math
+import random
+
+import pytest
+import torch
+
+from credit import gigpo, grpo, rloo, step_gae, token_gae, whiten
+
+
+def ragged(N=7, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    rewards = torch.randn(N, T, generator=g) * mask
+    values = torch.randn(N, T, generator=g) * mask
+    return rewards, values, mask, lengths
+
+
+def slow_gae(rewards, values, gamma, lam, bootstrap):
+    """Textbook GAE over one trajectory given as Python lists."""
+    T = len(rewards)
+    adv = [0.0] * T
+    next_a, next_v = 0.0, bootstrap
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * next_v - values[t]
+        next_a = delta + gamma * lam * next_a
+        adv[t] = next_a
+        next_v = values[t]
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+def test_step_gae_hand_worked():
+    # trajectory 0: 3 steps, terminal. gamma=0.9, lam=0.8 (gamma*lam = 0.72)
+    #   t=2: delta = 1 + 0 - 0.8 = 0.2                 A2 = 0.2
+    #   t=1: delta = 0 + 0.9*0.8 - 0.6 = 0.12          A1 = 0.12 + 0.72*0.2 = 0.264
+    #   t=0: delta = 0 + 0.9*0.6 - 0.5 = 0.04          A0 = 0.04 + 0.72*0.264 = 0.23008
+    # trajectory 1: 2 steps, cut at the step limit, bootstrap V = 0.5
+    #   t=1: delta = 0 + 0.9*0.5 - 0.4 = 0.05          A1 = 0.05
+    #   t=0: delta = 1 + 0.9*0.4 - 0.2 = 1.16          A0 = 1.16 + 0.72*0.05 = 1.196
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.8], [0.2, 0.4, 9.9]])  # 9.9 sits on padding and must be ignored
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    adv, ret = step_gae(rewards, values, mask, 0.9, 0.8, bootstrap=torch.tensor([0.0, 0.5]))
+    assert torch.allclose(adv, torch.tensor([[0.23008, 0.264, 0.2], [1.196, 0.05, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.73008, 0.864, 1.0], [1.396, 0.45, 0.0]]), atol=1e-6)
+
+
+def test_step_gae_truncation_uses_bootstrap():
+    rewards, values, mask = torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2)
+    adv, _ = step_gae(rewards, values, mask, 0.5, 1.0, bootstrap=torch.tensor([4.0]))
+    assert torch.allclose(adv, torch.tensor([[1.0, 2.0]]))  # 0.5^2 * 4 and 0.5 * 4
+    adv0, _ = step_gae(rewards, values, mask, 0.5, 1.0)  # terminal: nothing to bootstrap
+    assert torch.equal(adv0, torch.zeros(1, 2))
+
+
+def test_step_gae_gamma_lam_one_is_reward_to_go():
+    rewards, _, mask, _ = ragged(seed=1)
+    adv, ret = step_gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    rtg = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1]) * mask
+    assert torch.allclose(adv, rtg, atol=1e-5) and torch.allclose(ret, rtg, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_step_gae_matches_slow_loop(seed):
+    rewards, values, mask, lengths = ragged(N=9, T=8, seed=seed)
+    boot = torch.randn(9, generator=torch.Generator().manual_seed(100 + seed))
+    gamma, lam = 0.97, 0.9
+    adv, ret = step_gae(rewards, values, mask, gamma, lam, bootstrap=boot)
+    for i, n in enumerate(lengths.tolist()):
+        a, r = slow_gae(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam, boot[i].item())
+        assert torch.allclose(adv[i, :n], torch.tensor(a), atol=1e-5)
+        assert torch.allclose(ret[i, :n], torch.tensor(r), atol=1e-5)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_gae_matches_slow_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    N, L = 6, 30
+    mask = (torch.rand(N, L, generator=g) < 0.6).float()
+    mask[0] = 0  # a trajectory with no action token at all
+    rewards = torch.randn(N, L, generator=g) * mask
+    values = torch.randn(N, L, generator=g)
+    boot = torch.randn(N, generator=g)
+    adv, ret = token_gae(rewards, values, mask, 0.99, 0.95, bootstrap=boot)
+    for i in range(N):
+        pos = mask[i].nonzero().flatten().tolist()
+        a, r = slow_gae(rewards[i, pos].tolist(), values[i, pos].tolist(), 0.99, 0.95, boot[i].item())
+        assert torch.allclose(adv[i, pos], torch.tensor(a), atol=1e-5)
+        assert torch.allclose(ret[i, pos], torch.tensor(r), atol=1e-5)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_whiten_matches_slow_loop_and_edges():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g) * 3 + 2
+    mask = (torch.rand(5, 7, generator=g) < 0.5).float()
+    vals = x[mask > 0].tolist()
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    out = whiten(x, mask)
+    for i in range(5):
+        for j in range(7):
+            want = (x[i, j].item() - mean) / (std + 1e-8) if mask[i, j] else 0.0
+            assert abs(out[i, j].item() - want) < 1e-5
+    one = torch.zeros(3)
+    one[1] = 1
+    assert torch.equal(whiten(torch.tensor([5.0, 6.0, 7.0]), one), torch.zeros(3))
+    assert torch.equal(whiten(torch.randn(4), torch.zeros(4)), torch.zeros(4))
+
+
+def slow_groups(scores, ids):
+    groups = {}
+    for i, k in enumerate(ids):
+        groups.setdefault(k, []).append(i)
+    return groups
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_matches_slow_loop(norm):
+    rnd = random.Random(0)
+    ids = [rnd.randrange(5) for _ in range(40)] + [99]  # 99 is a group of one
+    s = [rnd.choice([0.0, 1.0, rnd.random()]) for _ in ids]
+    out = grpo(torch.tensor(s), torch.tensor(ids), std_normalize=norm)
+    for k, members in slow_groups(s, ids).items():
+        vals = [s[i] for i in members]
+        m = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        for i in members:
+            want = 0.0 if len(vals) == 1 else ((s[i] - m) / (sd + 1e-6) if norm else s[i] - m)
+            assert abs(out[i].item() - want) < 1e-4
+
+
+def test_grpo_hand_worked_and_equal_scores():
+    out = grpo(torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 0]))
+    # mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    assert torch.allclose(out, torch.tensor([0.866025, -0.866025, -0.866025, 0.866025]), atol=1e-5)
+    assert torch.equal(grpo(torch.ones(3), torch.zeros(3, dtype=torch.long)), torch.zeros(3))
+
+
+def test_rloo_matches_slow_loop():
+    rnd = random.Random(1)
+    ids = [rnd.randrange(4) for _ in range(30)] + [7]
+    s = [rnd.random() for _ in ids]
+    out = rloo(torch.tensor(s), torch.tensor(ids))
+    for k, members in slow_groups(s, ids).items():
+        for i in members:
+            others = [s[j] for j in members if j != i]
+            want = s[i] - sum(others) / len(others) if others else 0.0
+            assert abs(out[i].item() - want) < 1e-5
+    assert torch.allclose(rloo(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3, 3, 3])),
+                          torch.tensor([1.0, -0.5, -0.5]))
+
+
+def slow_gigpo(rewards, lengths, group_ids, state_ids, gamma, w, eps=1e-6):
+    N = len(lengths)
+    totals = [sum(rewards[i][: lengths[i]]) for i in range(N)]
+    episode = grpo(torch.tensor(totals), torch.tensor(group_ids), eps=eps).tolist()
+    G = {}
+    for i in range(N):
+        run = 0.0
+        for t in reversed(range(lengths[i])):
+            run = rewards[i][t] + gamma * run
+            G[(i, t)] = run
+    anchors = {}
+    for (i, t), g in G.items():
+        anchors.setdefault((group_ids[i], state_ids[i][t]), []).append((i, t))
+    out = [[0.0] * len(rewards[0]) for _ in range(N)]
+    for members in anchors.values():
+        vals = [G[m] for m in members]
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        for (i, t) in members:
+            step = (G[(i, t)] - mean) / (sd + eps) if len(vals) > 1 else 0.0
+            out[i][t] = episode[i] + w * step
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gigpo_matches_slow_loop(seed):
+    rnd = random.Random(seed)
+    N, T = 12, 5
+    lengths = [rnd.randint(1, T) for _ in range(N)]
+    group_ids = [rnd.randrange(3) for _ in range(N)]
+    state_ids = [[rnd.randrange(3) for _ in range(T)] for _ in range(N)]
+    rewards = [[(rnd.choice([0.0, 1.0]) if t < lengths[i] else 0.0) for t in range(T)] for i in range(N)]
+    mask = torch.tensor([[1.0 if t < lengths[i] else 0.0 for t in range(T)] for i in range(N)])
+    out = gigpo(torch.tensor(rewards), mask, torch.tensor(group_ids), torch.tensor(state_ids), 0.95, step_weight=0.7)
+    want = slow_gigpo(rewards, lengths, group_ids, state_ids, 0.95, 0.7)
+    assert torch.allclose(out, torch.tensor(want), atol=1e-4)
+    assert (out[mask == 0] == 0).all()
+
+
+def test_credit_vectorised_over_a_million_steps():
+    """Not a timing test: makes sure the vectorised path handles large N without per-trajectory work."""
+    N, T = 50_000, 20
+    r = torch.zeros(N, T)
+    r[:, -1] = 1.0
+    adv, _ = step_gae(r, torch.zeros(N, T), torch.ones(N, T), 1.0, 1.0)
+    assert torch.equal(adv, torch.ones(N, T))
