@@ -1,0 +1,154 @@
+"""steppo_loss.py against hand-worked numbers, slow loops, and the gradient properties the method relies on."""
+import math
+
+import pytest
+import torch
+
+from steppo_loss import kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, value_loss
+
+
+def test_token_logprobs_matches_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 17, generator=g)
+    ids = torch.randint(0, 17, (3, 9), generator=g)
+    ref = torch.log_softmax(logits, -1)
+    out = token_logprobs(logits, ids, chunk_tokens=10)  # force several chunks
+    assert torch.equal(out[:, 0], torch.zeros(3))
+    for b in range(3):
+        for j in range(1, 9):
+            assert abs(out[b, j].item() - ref[b, j - 1, ids[b, j]].item()) < 1e-5
+    # gradient agrees with the naive formula
+    lg = logits.clone().requires_grad_(True)
+    token_logprobs(lg, ids, chunk_tokens=10).sum().backward()
+    lg2 = logits.clone().requires_grad_(True)
+    torch.log_softmax(lg2[:, :-1], -1).gather(-1, ids[:, 1:, None]).sum().backward()
+    assert torch.allclose(lg.grad, lg2.grad, atol=1e-5)
+
+
+def test_token_entropy_uniform():
+    ent = token_entropy(torch.zeros(2, 3, 8))
+    assert torch.allclose(ent, torch.full((2, 3), math.log(8)), atol=1e-6)
+
+
+def test_step_loss_hand_worked():
+    # row 0: lp - old = [0.1, 0.3] -> log r = 0.2, r = 1.2214 > 1.2; A = +1 -> min(1.2214, 1.2) = 1.2 -> l = -1.2
+    # row 1: lp - old = [-0.5, -0.5] -> r = 0.6065 < 0.8; A = -2 -> min(-1.2131, -1.6) = -1.6 -> l = +1.6
+    # row 2: no action token: ignored.  loss = (-1.2 + 1.6) / 2 = 0.2, both rows clipped.
+    old = torch.zeros(3, 4)
+    lp = torch.tensor([[0.0, 0.1, 0.3, 0.0], [0.0, -0.5, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+    loss, stats = step_policy_loss(lp, old, torch.tensor([1.0, -2.0, 5.0]), mask, 0.2, 0.2)
+    assert abs(loss.item() - 0.2) < 1e-6
+    assert stats["clipfrac"] == 1.0
+    want_kl = ((math.exp(0.2) - 1 - 0.2) + (math.exp(-0.5) - 1 + 0.5)) / 2
+    assert abs(stats["approx_kl"] - want_kl) < 1e-6
+
+
+def slow_step_loss(lp, old, adv, mask, cl, ch):
+    total, n = 0.0, 0
+    for b in range(lp.shape[0]):
+        toks = [j for j in range(lp.shape[1]) if mask[b, j] > 0]
+        if not toks:
+            continue
+        log_r = sum(lp[b, j].item() - old[b, j].item() for j in toks) / len(toks)
+        r = math.exp(log_r)
+        a = adv[b].item()
+        total += -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+        n += 1
+    return total / max(n, 1)
+
+
+def slow_token_loss(lp, old, adv, mask, cl, ch):
+    total, n = 0.0, 0
+    for b in range(lp.shape[0]):
+        for j in range(lp.shape[1]):
+            if mask[b, j] > 0:
+                r = math.exp(lp[b, j].item() - old[b, j].item())
+                a = adv[b, j].item()
+                total += -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+                n += 1
+    return total / max(n, 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_policy_losses_match_slow_loops(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, L = 8, 12
+    lp, old = -torch.rand(B, L, generator=g) * 3, -torch.rand(B, L, generator=g) * 3
+    mask = (torch.rand(B, L, generator=g) < 0.5).float()
+    mask[0] = 0
+    adv_row, adv_tok = torch.randn(B, generator=g), torch.randn(B, L, generator=g)
+    loss, _ = step_policy_loss(lp, old, adv_row, mask, 0.2, 0.28)
+    assert abs(loss.item() - slow_step_loss(lp, old, adv_row, mask, 0.2, 0.28)) < 1e-5
+    loss, _ = token_policy_loss(lp, old, adv_tok, mask, 0.2, 0.28)
+    assert abs(loss.item() - slow_token_loss(lp, old, adv_tok, mask, 0.2, 0.28)) < 1e-5
+
+
+def test_step_loss_with_one_token_steps_equals_token_loss():
+    g = torch.Generator().manual_seed(3)
+    B, L = 10, 6
+    old = -torch.rand(B, L, generator=g)
+    base = old + 0.4 * torch.randn(B, L, generator=g)  # some ratios fall outside the clip range
+    mask = torch.zeros(B, L)
+    mask[torch.arange(B), torch.randint(1, L, (B,), generator=g)] = 1.0  # exactly one action token per row
+    adv = torch.randn(B, generator=g)
+    lp1, lp2 = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    l1, s1 = step_policy_loss(lp1, old, adv, mask, 0.2, 0.2)
+    l2, s2 = token_policy_loss(lp2, old, adv[:, None].expand(B, L), mask, 0.2, 0.2)
+    l1.backward()
+    l2.backward()
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(lp1.grad, lp2.grad, atol=1e-6)
+    assert abs(s1["clipfrac"] - s2["clipfrac"]) < 1e-6 and 0 < s1["clipfrac"] < 1
+
+
+def test_step_clipped_in_advantage_direction_has_zero_gradient():
+    old = torch.zeros(4, 3)
+    lp = torch.tensor([[0.5, 0.5, 0.5],     # r = e^0.5 > 1.2, A > 0: clipped -> no gradient
+                       [-0.5, -0.5, -0.5],  # r < 0.8, A < 0: clipped -> no gradient
+                       [0.5, 0.5, 0.5],     # r > 1.2 but A < 0: pessimistic term is unclipped -> gradient
+                       [0.05, 0.0, -0.05]], requires_grad=True)  # inside the range -> gradient
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, _ = step_policy_loss(lp, old, adv, torch.ones(4, 3), 0.2, 0.2)
+    loss.backward()
+    assert torch.equal(lp.grad[0], torch.zeros(3)) and torch.equal(lp.grad[1], torch.zeros(3))
+    assert (lp.grad[2] != 0).all() and (lp.grad[3] != 0).all()
+    # every token of an unclipped step gets the same share: d/d lp_j of mean(lp) = 1/n
+    assert torch.allclose(lp.grad[3], lp.grad[3][0].expand(3))
+
+
+def test_losses_nan_free_on_empty_rows_and_zero_advantages():
+    lp = torch.tensor([[0.0, -80.0, 70.0]], requires_grad=True)  # extreme ratios must not overflow
+    old = torch.zeros(1, 3)
+    for mask in (torch.zeros(1, 3), torch.ones(1, 3)):
+        loss, stats = step_policy_loss(lp, old, torch.zeros(1), mask, 0.2, 0.2)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+        assert all(math.isfinite(v) for v in stats.values())
+        loss, stats = token_policy_loss(lp, old, torch.zeros(1, 3), mask, 0.2, 0.2)
+        assert torch.isfinite(loss) and all(math.isfinite(v) for v in stats.values())
+    assert value_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.zeros(2), 0.2).item() == 0.0
+    assert kl_k3(torch.zeros(2), torch.zeros(2), torch.zeros(2)).item() == 0.0
+
+
+def test_value_loss_hand_worked_and_slow_loop():
+    # v=1.0, old=0.0, R=0.5, clip 0.2: unclipped (0.5)^2 = 0.25, clipped (0.2 - 0.5)^2 = 0.09 -> max 0.25
+    # v=0.1, old=0.0, R=1.0: unclipped 0.81, clipped (0.1 - 1)^2 = 0.81 -> 0.81; third entry masked out
+    v, old, R = torch.tensor([1.0, 0.1, 5.0]), torch.zeros(3), torch.tensor([0.5, 1.0, 0.0])
+    assert abs(value_loss(v, old, R, torch.tensor([1.0, 1.0, 0.0]), 0.2).item() - 0.5 * (0.25 + 0.81) / 2) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    v, old, R = torch.randn(20, generator=g), torch.randn(20, generator=g), torch.randn(20, generator=g)
+    m = (torch.rand(20, generator=g) < 0.7).float()
+    want = [max((v[i] - R[i]) ** 2, (old[i] + min(max(v[i] - old[i], -0.3), 0.3) - R[i]) ** 2).item()
+            for i in range(20) if m[i]]
+    assert abs(value_loss(v, old, R, m, 0.3).item() - 0.5 * sum(want) / len(want)) < 1e-5
+
+
+def test_kl_k3_slow_loop_and_nonnegative():
+    g = torch.Generator().manual_seed(0)
+    lp, ref = -torch.rand(4, 5, generator=g) * 2, -torch.rand(4, 5, generator=g) * 2
+    m = (torch.rand(4, 5, generator=g) < 0.6).float()
+    vals = [math.exp(ref[i, j] - lp[i, j]) - (ref[i, j] - lp[i, j]).item() - 1
+            for i in range(4) for j in range(5) if m[i, j]]
+    out = kl_k3(lp, ref, m)
+    assert abs(out.item() - sum(vals) / len(vals)) < 1e-5 and out.item() >= 0
+    assert kl_k3(lp, lp, m).item() == 0.0
