@@ -128,9 +128,12 @@ def gigpo(rewards, step_mask, group_ids, state_ids, gamma, step_weight=1.0, eps=
         running = r[:, t] + gamma * running
         G[:, t] = running
     valid = mask.reshape(-1) > 0
+    if not valid.any():
+        return torch.zeros_like(r)
     _, group = torch.unique(group_ids, return_inverse=True)
-    keys = torch.stack([group[:, None].expand_as(state_ids).reshape(-1), state_ids.reshape(-1)], 1)[valid]
-    _, anchor = torch.unique(keys, dim=0, return_inverse=True)
+    _, state = torch.unique(state_ids.reshape(-1)[valid], return_inverse=True)  # compact state ids
+    key = group[:, None].expand_as(state_ids).reshape(-1)[valid] * (int(state.max()) + 1) + state
+    _, anchor = torch.unique(key, return_inverse=True)  # one id per (group, state) anchor
     step = torch.zeros_like(G).reshape(-1)
     step[valid] = grpo(G.reshape(-1)[valid], anchor, eps=eps)
     return (episode + step_weight * step.reshape(G.shape)) * mask
