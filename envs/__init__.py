@@ -1,0 +1,45 @@
+"""Environments for StepPO: `envs.make(name, **kwargs)` and the protocol every env follows.
+
+    env = envs.make("alfworld", split="train")      # or "multihop", or "my_pkg.my_mod:MyEnv"
+    obs, info = env.reset(seed)                      # same seed -> same task (same info["task_id"])
+    obs, reward, done, info = env.step(response)     # response: the model's raw text for the turn
+
+An env has `system_prompt` (instructions incl. the action format) and `max_steps`. `info` always has:
+    task_id    str, identical for the same task instance (the group key for GRPO/GiGPO-style baselines)
+    won        bool, the task is solved
+    invalid    bool, the response could not be parsed or executed (the episode goes on)
+    admissible list[str] of valid actions, or None when the action space is open
+    expert     the full response text that takes the expert's next action (e.g.
+               "<action>go to cabinet 1</action>"), or None when there is no expert (or after done)
+    prompt     a fresh self-contained user message for the "window" context mode
+Unparseable responses never raise; stepping after `done` raises RuntimeError. `split="train"` and
+`split="eval"` give disjoint task pools. A user's own env is any class with this interface, loaded by
+`"module.path:ClassName"` (the plugin path forks use).
+"""
+import importlib
+
+REGISTRY = {
+    "alfworld": "envs.alfworld:AlfWorldEnv",
+    "multihop": "envs.multihop:MultiHopEnv",
+}
+
+
+def load_class(spec):
+    """Import `"module.path:ClassName"` and return the class."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def make(name, **kwargs):
+    """Build an environment by built-in name or by `"module:Class"`; kwargs go to its constructor."""
+    if name in REGISTRY:
+        return load_class(REGISTRY[name])(**kwargs)
+    if ":" in name:
+        module, _, cls = name.partition(":")
+        try:
+            env_cls = load_class(name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError("cannot load environment class %r (%s: %s)" % (name, type(e).__name__, e)) from e
+        return env_cls(**kwargs)
+    raise ValueError("unknown environment %r: built-in ones are %s, or give a plugin as 'module.path:ClassName'"
+                     % (name, ", ".join(sorted(REGISTRY))))

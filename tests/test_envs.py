@@ -1,0 +1,218 @@
+"""Environment protocol checks: expert wins, robustness to bad responses, determinism, splits, plugins.
+
+ALFWorld games are generated on first use into the default cache ($STEPPO_CACHE or ~/.cache/steppo);
+the expert check plays the default train pool (60 games, 10 per task type).
+"""
+import collections
+import json
+import os
+import re
+
+import pytest
+
+import envs
+from envs import alfworld_gen
+
+BAD_RESPONSES = ["", "   ", "go to desk 1", "<action></action>", "<action>fly to the moon</action>",
+                 "<action>go to desk 1", "x" * 10_000, "<action>" + "y" * 10_000 + "</action>",
+                 "<action>去 柜子 1 ✓ — ünïcödé</action>", "\x00\udcff<action>\t</action>", "search[foo]",
+                 "<action>search[]</action>", "<ACTION>answer</ACTION>"]
+
+
+def play_expert(env, seed):
+    obs, info = env.reset(seed)
+    done, steps = False, 0
+    while not done:
+        assert info["expert"] is not None
+        obs, reward, done, info = env.step(info["expert"])
+        steps += 1
+    return info, reward, steps
+
+
+@pytest.fixture(scope="module")
+def alfworld_train():
+    return envs.make("alfworld", split="train")
+
+
+@pytest.fixture(scope="module")
+def small_pools(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("alfw"))
+    return (envs.make("alfworld", split="train", n_games=12, cache_dir=cache),
+            envs.make("alfworld", split="eval", n_games=12, cache_dir=cache), cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALFWorld
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_alfworld_expert_wins_each_task_type(alfworld_train):
+    env = alfworld_train
+    wins, counts = collections.Counter(), collections.Counter()
+    for seed in range(len(env)):
+        info, reward, steps = play_expert(env, seed)
+        task_type = info["task_id"].split("/")[2].split("-")[0]
+        counts[task_type] += 1
+        wins[task_type] += info["won"]
+        assert info["won"] == (reward == 1.0) and steps <= env.max_steps
+    assert set(counts) == set(alfworld_gen.TASK_TYPES) and min(counts.values()) >= 10
+    for t in counts:
+        assert wins[t] >= 0.95 * counts[t], (t, wins[t], counts[t])
+
+
+def test_alfworld_bad_responses_are_invalid(small_pools):
+    env = small_pools[0]
+    obs, info = env.reset(3)
+    assert env.max_steps >= len(BAD_RESPONSES) + 1
+    for bad in BAD_RESPONSES:
+        obs, reward, done, info = env.step(bad)
+        assert info["invalid"] and not done and reward == 0.0
+        assert "<action>" in obs and "Admissible actions:" in obs and info["admissible"]
+        assert info["expert"].startswith("<action>") and set(info) >= {"task_id", "won", "admissible", "prompt"}
+    # thinking before the tag is fine; the last block counts; case and spacing are forgiven
+    action = info["admissible"][0]
+    obs, reward, done, info = env.step("Let me think. <action>nope</action> Better: <ACTION>  %s </ACTION>" % action.upper())
+    assert not info["invalid"] and info["action"] == action
+
+
+def test_alfworld_invalid_penalty_and_truncation(small_pools, tmp_path):
+    env = envs.make("alfworld", n_games=12, cache_dir=small_pools[2], max_steps=3, invalid_penalty=0.1)
+    env.reset(0)
+    for i in range(3):
+        obs, reward, done, info = env.step("nonsense")
+        assert reward == -0.1 and done == (i == 2)
+    assert info["truncated"] and not info["won"] and info["expert"] is None
+    with pytest.raises(RuntimeError):
+        env.step("<action>look</action>")
+
+
+def test_alfworld_determinism(small_pools):
+    train = small_pools[0]
+    again = envs.make("alfworld", split="train", n_games=12, cache_dir=small_pools[2])
+    for seed in [0, 5, 12 + 5]:  # seed 17 plays game 17 % 12 = 5
+        a, b = train.reset(seed), again.reset(seed)
+        assert a[0] == b[0] and a[1]["task_id"] == b[1]["task_id"]
+    assert train.reset(5)[1]["task_id"] == train.reset(17)[1]["task_id"]
+    assert train.reset(5)[1]["task_id"] != train.reset(6)[1]["task_id"]
+
+
+def test_alfworld_generator_is_deterministic(tmp_path):
+    cfg = alfworld_gen.GenConfig()
+    a = alfworld_gen.generate(str(tmp_path / "a"), "train", 6, cfg)
+    b = alfworld_gen.generate(str(tmp_path / "b"), "train", 6, cfg)
+    rel = lambda paths, root: [os.path.relpath(p, root) for p in paths]
+    assert rel(a, tmp_path / "a") == rel(b, tmp_path / "b")
+    for pa, pb in zip(a, b):
+        assert open(pa).read() == open(pb).read()
+        game = json.load(open(pa))
+        assert set(game) >= {"pddl_domain", "grammar", "pddl_problem", "solvable", "walkthrough"}
+        assert game["solvable"] is True and game["walkthrough"] and "UNKNOWN GOAL" not in game["grammar"]
+        traj = json.load(open(os.path.join(os.path.dirname(pa), "traj_data.json")))
+        assert traj["task_type"] in alfworld_gen.TASK_TYPES
+        for name, kind in re.findall(r"\(receptacleType (\S+) (SinkBasin|BathtubBasin)Type\)", game["pddl_problem"]):
+            assert name.endswith("_bar_" + kind)  # ALFRED ids: Sink|x|y|z|SinkBasin
+    assert {json.load(open(os.path.join(os.path.dirname(p), "traj_data.json")))["task_type"] for p in a} == \
+        set(alfworld_gen.TASK_TYPES)
+
+
+def test_alfworld_splits_disjoint(small_pools):
+    train, evals, _ = small_pools
+    problems = lambda env: {json.load(open(g))["pddl_problem"].split("(:objects", 1)[1] for g in env.games}
+    assert not problems(train) & problems(evals)
+    tid = lambda env: {env.reset(s)[1]["task_id"] for s in range(len(env))}
+    assert not tid(train) & tid(evals)
+    assert all(t.startswith("json_2.1.1/valid_unseen/") for t in tid(evals))
+
+
+def test_alfworld_official_layout_loader(small_pools):
+    """The generated folder loads as official data (data_dir=) and through AlfredTWEnv's own collector."""
+    train, _, cache = small_pools
+    official = envs.make("alfworld", split="train", data_dir=train.data_dir)
+    assert official.games == train.games
+    obs, info = official.reset(1)
+    assert info["task_id"] == os.path.relpath(official.games[1], train.data_dir)
+    assert info["task_id"].endswith("/game.tw-pddl") and "Your task is to:" in obs
+    from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
+    config = {"env": {"goal_desc_human_anns_prob": 0, "task_types": [1, 2, 3, 4, 5, 6]},
+              "dataset": {"data_path": os.path.join(train.data_dir, "json_2.1.1", "train"), "num_train_games": -1}}
+    assert sorted(AlfredTWEnv(config, "train").game_files) == sorted(train.games)
+    with pytest.raises(ValueError):
+        envs.make("alfworld", data_dir=cache + "/nothing-here")
+
+
+def test_alfworld_prompt_window(small_pools):
+    env = small_pools[0]
+    obs, info = env.reset(2)
+    assert "Your task is to:" in info["prompt"] and "admissible actions" in info["prompt"]
+    for _ in range(4):
+        obs, reward, done, info = env.step(info["expert"])
+        if done:
+            break
+        assert "Prior to this step, you have already taken" in info["prompt"]
+        assert info["prompt"].count("[Step ") <= env.history
+    assert "<action>" in env.system_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-hop QA
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_multihop_expert_wins_every_task(split):
+    env = envs.make("multihop", split=split)
+    hops = collections.Counter()
+    for seed in range(len(env)):
+        info, reward, steps = play_expert(env, seed)
+        assert info["won"] and reward == 1.0 and 3 <= steps <= 5
+        hops[steps - 1] += 1
+    assert set(hops) == {2, 3, 4}
+
+
+def test_multihop_bad_responses_and_answers():
+    env = envs.make("multihop", max_steps=len(BAD_RESPONSES) + 2)
+    obs, info = env.reset(7)
+    for bad in BAD_RESPONSES:
+        obs, reward, done, info = env.step(bad)
+        assert info["invalid"] and not done and reward == 0.0 and "<action>" in obs
+    obs, reward, done, info = env.step("<action>search[Nobody At All]</action>")
+    assert not info["invalid"] and obs.startswith("No result")
+    obs, reward, done, info = env.step("<action>answer[definitely wrong]</action>")
+    assert done and reward == 0.0 and not info["won"] and info["expert"] is None
+    with pytest.raises(RuntimeError):
+        env.step("<action>answer[x]</action>")
+    # normalised exact match: case, punctuation and articles do not matter
+    env.reset(7)
+    obs, reward, done, info = env.step("I know it. <action>answer[ THE %s! ]</action>" % env.gold.upper())
+    assert reward == 1.0 and info["won"]
+
+
+def test_multihop_determinism_and_splits():
+    a, b = envs.make("multihop"), envs.make("multihop")
+    assert [a.reset(s) for s in range(5)] == [b.reset(s) for s in range(5)]
+    ev = envs.make("multihop", split="eval")
+    assert not set(map(str, a.tasks)) & set(map(str, ev.tasks))
+    assert not {a.reset(s)[1]["task_id"] for s in range(len(a))} & {ev.reset(s)[1]["task_id"] for s in range(len(ev))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and plugins
+# ---------------------------------------------------------------------------------------------
+PLUGIN = '''
+class CountEnv:
+    """Say the next number."""
+    system_prompt = "Count up. Reply <action>N</action>."
+    def __init__(self, split="train", start=0):
+        self.start, self.max_steps = start, 3
+    def reset(self, seed):
+        self.n = self.start + seed
+        return str(self.n), dict(task_id=str(seed), won=False, invalid=False, admissible=None, expert="<action>%d</action>" % (self.n + 1))
+'''
+
+
+def test_plugin_by_module_path(tmp_path, monkeypatch):
+    (tmp_path / "my_plugin_env.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = envs.make("my_plugin_env:CountEnv", start=10)
+    assert type(env).__name__ == "CountEnv" and env.reset(2)[0] == "12"
+    with pytest.raises(ValueError, match="alfworld, multihop"):
+        envs.make("no_such_env")
+    with pytest.raises(ValueError, match="cannot load"):
+        envs.make("my_plugin_env:Missing")
