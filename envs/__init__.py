@@ -35,7 +35,6 @@ def make(name, **kwargs):
     if name in REGISTRY:
         return load_class(REGISTRY[name])(**kwargs)
     if ":" in name:
-        module, _, cls = name.partition(":")
         try:
             env_cls = load_class(name)
         except (ImportError, AttributeError) as e:

@@ -31,6 +31,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from collections import OrderedDict
 
 import textworld
@@ -128,13 +129,8 @@ def generated_games(split, n_games, cfg, cache_dir=None):
             os.rename(os.path.join(tmp, "json_2.1.1", split_dir), final)
         except OSError:
             pass  # another process finished first
-        _rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return root, collect_games(root, split_dir)
-
-
-def _rmtree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class AlfWorldEnv:

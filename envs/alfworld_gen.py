@@ -88,8 +88,7 @@ def sample_scene(rng, task_type, cfg):
     toggle = "DeskLamp" if task_type == "look_at_obj_in_light" else ""
     if toggle:
         parent = ""
-        source = rng.choice([r for r in holders(obj)])
-        need = [source, rng.choice(LAMP_HOLDERS)]
+        need = [rng.choice(holders(obj)), rng.choice(LAMP_HOLDERS)]  # where the object is, where the lamp is
     else:
         parent = rng.choice(holders(obj))
         tool = prop_recep[1] if prop_recep else None  # never start in the sink/microwave/fridge itself
@@ -113,7 +112,7 @@ def sample_scene(rng, task_type, cfg):
     # place objects: (type, id, receptacle id)
     placed = []
     n_target = 2 if task_type == "pick_two_obj_and_place" else 1
-    for i in range(n_target):
+    for _ in range(n_target):
         src_kinds = [k for k in by_kind if k != parent and k in holders(obj) and not (prop_recep and k == prop_recep[1])]
         placed.append((obj, alfred_id(rng, obj), rng.choice(by_kind[rng.choice(src_kinds)])))
     if toggle:

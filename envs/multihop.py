@@ -109,7 +109,7 @@ def all_chains(kb, min_hops=2, max_hops=4):
 
 
 def question(start, rels):
-    """'Who mentored ...' style question text and the entities a minimal search chain visits."""
+    """The question text for a chain, e.g. "Who mentored the founder of Velmora Labs?"."""
     phrase = start
     for r in rels[:-1]:
         phrase = RELATIONS[r][0].format(phrase)
