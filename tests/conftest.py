@@ -45,6 +45,15 @@ def forward_logprobs(model, prompt_ids: list[int], action_ids: list[int]) -> tor
     return lp.gather(1, torch.tensor(action_ids)[:, None]).squeeze(1)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and 2 OpenMP threads on a busy 2-core box can be 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from model import load_policy

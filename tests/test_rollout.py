@@ -9,6 +9,8 @@ from conftest import CountEnv, forward_logprobs
 from rollout import HFEngine, collect, eos_ids, first_prompt
 from step_mdp import collate, extends, packable
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def check_tito(model, trajs, tol=1e-4):
     """Every step: a fresh forward pass over prompt + action reproduces the engine's log-probs."""

