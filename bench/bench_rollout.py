@@ -3,6 +3,7 @@
     python bench/bench_rollout.py                                   # HF engine -> bench/results/rollout.json
     VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
         .venv-vllm/bin/python bench/bench_rollout.py --engine vllm  # -> bench/results/rollout_vllm.json
+    python bench/bench_rollout.py --model smollm2-135m --n-envs 1,4,16     # -> rollout_smollm2-135m.json
 
 Policy: the tiny random Qwen2 (`--model` to change), env: multihop (random responses never parse, so every
 episode runs max_steps turns: a steady load), fall back to the tests' CountEnv when envs/ is missing.
@@ -72,7 +73,8 @@ def main():
                context=args.context, threads=torch.get_num_threads(), max_steps=args.max_steps,
                max_new_tokens=args.max_new_tokens,
                engine_startup_s=round(startup, 2), rows=rows)
-    out = os.path.join(ROOT, "bench", "results", "rollout.json" if args.engine == "hf" else "rollout_vllm.json")
+    name = "rollout" + ("_vllm" if args.engine == "vllm" else "") + ("" if args.model == "tiny" else f"_{args.model}")
+    out = os.path.join(ROOT, "bench", "results", name + ".json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", out)
