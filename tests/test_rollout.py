@@ -51,8 +51,9 @@ def test_eos_is_kept_with_its_logprob(tiny):
     model, tok = tiny
     m = copy.deepcopy(model)
     m.lm_head.register_forward_hook(lambda mod, inp, out: out.index_add(
-        -1, torch.tensor([tok.eos_token_id]), torch.full((*out.shape[:-1], 1), 8.0)))  # EOS now likely
-    trajs = collect(HFEngine(m, tok), [CountEnv()], tok, [3], max_steps=4, max_new_tokens=6, temperature=1.0)
+        -1, torch.tensor([tok.eos_token_id]), torch.full((*out.shape[:-1], 1), 12.0)))  # EOS now likely
+    trajs = collect(HFEngine(m, tok), [CountEnv()], tok, [3], max_steps=4, max_new_tokens=6, temperature=1.0,
+                    seed=0)
     steps = trajs[0].steps
     assert all(s.action_ids[-1] == tok.eos_token_id and not s.info["cut"] for s in steps)
     check_tito(m, trajs)
