@@ -176,6 +176,7 @@ class Episode:
     task_id: str
     steps: list[Step] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
+    expert: str | None = None  # the env's expert response for the next turn (info["expert"])
     done: bool = False  # the environment ended it
     live: bool = True
     won: bool = False
@@ -183,13 +184,15 @@ class Episode:
 
 def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max_new_tokens: int,
             temperature: float, context: str = "full", top_p: float = 1.0, window: int = 3,
-            max_len: int | None = None, seed: int | None = None) -> list[Trajectory]:
+            max_len: int | None = None, seed: int | None = None, expert: bool = False) -> list[Trajectory]:
     """Play one episode per seed, `len(envs)` at a time, and return one Trajectory per seed (in seed order).
 
     Each turn sends the prompts of all live episodes to `engine.generate` as one batch. An episode ends when the
     env says done (terminated=True), at `max_steps` (terminated=False), or when prompt + max_new_tokens would
     exceed `max_len` (default: the engine's context length; last step gets info["truncated"]=True).
     `seed` makes sampling reproducible (turn t uses seed + t). Repeat a seed to sample a group of the same task.
+    `expert=True` plays the env's `info["expert"]` responses instead of sampling (warm-start demonstrations):
+    their ids + the end-of-turn token, with log-probs 0; the engine is not called.
     """
     if context not in ("full", "window"):
         raise ValueError(f"context must be 'full' or 'window', not {context!r}")
@@ -202,7 +205,8 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
         for env, s in zip(envs, seeds[start:start + len(envs)]):
             obs, info = env.reset(seed=s)
             user = (info.get("prompt") or window_message(obs, obs, [], window)) if context == "window" else obs
-            episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user), str(info["task_id"])))
+            episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user), str(info["task_id"]),
+                                    expert=info.get("expert")))
             if len(episodes[-1].prompt) + max_new_tokens > max_len:
                 raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
                                  f"max_new_tokens ({max_new_tokens}) exceeds the context length {max_len}")
@@ -210,8 +214,12 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
             live = [e for e in episodes if e.live]
             if not live:
                 break
-            outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
-                                   seed=None if seed is None else seed + turn)
+            if expert:  # demonstrations: the expert's text as the model would emit it, ending the turn
+                outs = [(ids, [0.0] * len(ids)) for ids in
+                        (encode(tokenizer, e.expert or "") + [tokenizer.eos_token_id] for e in live)]
+            else:
+                outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
+                                       seed=None if seed is None else seed + turn)
             for e, (ids, lps) in zip(live, outs):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 obs, reward, done, info = e.env.step(text)
@@ -219,7 +227,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                 e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, logprobs=lps, reward=float(reward),
                                     observation=obs, action_text=text, info={**info, "cut": cut, "truncated": False}))
                 e.actions.append(text)
-                e.done, e.won = bool(done), bool(info.get("won", False))
+                e.done, e.won, e.expert = bool(done), bool(info.get("won", False)), info.get("expert")
                 if done or turn == max_steps - 1:
                     e.live = False
                     continue

@@ -135,14 +135,10 @@ def test_batched_matches_one_at_a_time(tiny):
     assert same >= 15
 
 
-@pytest.mark.skipif(importlib.util.find_spec("envs") is None, reason="envs/ not there yet")
 @pytest.mark.parametrize("name", ["multihop", "alfworld"])
 def test_real_env_with_tiny(tiny, name):
-    envs = pytest.importorskip("envs")
-    try:
-        pool = [envs.make(name) for _ in range(2)]
-    except Exception as e:  # e.g. ALFWorld data not downloaded
-        pytest.skip(f"envs.make({name!r}) failed: {e}")
+    import envs
+    pool = [envs.make(name) for _ in range(2)]
     model, tok = tiny
     for context in ("full", "window"):
         trajs = collect(HFEngine(model, tok), pool, tok, [0, 0], max_steps=2, max_new_tokens=16, temperature=1.0,
@@ -150,6 +146,22 @@ def test_real_env_with_tiny(tiny, name):
         assert trajs[0].task_id == trajs[1].task_id and all(tr.steps for tr in trajs)
         check_tito(model, trajs)
         assert context == "window" or all(packable(tr) for tr in trajs)
+
+
+@pytest.mark.parametrize("name", ["multihop", "alfworld"])
+def test_expert_demonstrations(tiny, name):
+    """expert=True plays info["expert"] as token ids ending with the end-of-turn token; the episodes win."""
+    import envs
+    model, tok = tiny
+    pool = [envs.make(name) for _ in range(3)]
+    trajs = collect(None, pool, tok, [0, 1, 2], max_steps=pool[0].max_steps, max_new_tokens=8, temperature=0.0,
+                    expert=True, max_len=4096)
+    assert all(tr.success and tr.terminated for tr in trajs)
+    for tr in trajs:
+        assert packable(tr)
+        for s in tr.steps:
+            assert s.action_ids[-1] == tok.eos_token_id and s.logprobs == [0.0] * len(s.action_ids)
+            assert "<action>" in s.action_text and not s.info["invalid"]
 
 
 @pytest.mark.slow
