@@ -125,9 +125,9 @@ class Guess:
 
 
 def test_plugin_env_trains(tmp_path, monkeypatch):
-    (tmp_path / "my_plugin_env.py").write_text(textwrap.dedent(PLUGIN))
+    (tmp_path / "guess_plugin_for_train.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
-    _, rows = run(tmp_path, "--env", "my_plugin_env:Guess")
+    _, rows = run(tmp_path, "--env", "guess_plugin_for_train:Guess")
     assert [r["iter"] for r in rows] == [0, 1, 2] and rows[0]["mean_steps"] >= 1
 
 
