@@ -45,6 +45,21 @@ def token_entropy(logits, chunk_tokens=1 << 16):
     return out
 
 
+def _clipped_surrogate(log_r, A, weight, clip_low, clip_high):
+    """PPO's pessimistic clipped surrogate for log-ratios `log_r` and advantages `A` (same shape), averaged with
+    `weight`; also clipfrac and the k3 estimate of KL(old || new) (http://joschu.net/blog/kl-approx.html)."""
+    log_r = log_r.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_r.exp()
+    A = A.to(log_r.dtype)
+    loss = _masked_mean(torch.max(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high)), weight)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(log_r.dtype)
+        stats = {"clipfrac": _masked_mean(clipped, weight).item(),
+                 "approx_kl": _masked_mean((ratio - 1) - log_r, weight).item(),
+                 "ratio_mean": _masked_mean(ratio, weight).item()}
+    return loss, stats
+
+
 def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high):
     """Step-aligned clipped objective (StepPO). logprobs, old_logprobs, action_mask (B, L); advantages (B,).
 
@@ -54,23 +69,8 @@ def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, 
     """
     mask = action_mask.to(logprobs.dtype)
     n_tok = mask.sum(-1)  # (B,)
-    valid = (n_tok > 0).to(logprobs.dtype)
-    log_r = (mask * (logprobs - old_logprobs)).sum(-1) / n_tok.clamp(min=1)
-    log_r = log_r.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    ratio = log_r.exp()
-    A = advantages.to(logprobs.dtype)
-    pg1 = -A * ratio
-    pg2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = _masked_mean(torch.max(pg1, pg2), valid)
-    with torch.no_grad():
-        clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(logprobs.dtype)
-        stats = {
-            "clipfrac": _masked_mean(clipped, valid).item(),
-            # k3 estimator of KL(old || new) per step, http://joschu.net/blog/kl-approx.html
-            "approx_kl": _masked_mean((ratio - 1) - log_r, valid).item(),
-            "ratio_mean": _masked_mean(ratio, valid).item(),
-        }
-    return loss, stats
+    log_r = (mask * (logprobs - old_logprobs)).sum(-1) / n_tok.clamp(min=1)  # one ratio per step
+    return _clipped_surrogate(log_r, advantages, (n_tok > 0).to(logprobs.dtype), clip_low, clip_high)
 
 
 def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high):
@@ -79,20 +79,7 @@ def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low,
     loss = sum(mask * l) / sum(mask) with l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
     """
     mask = action_mask.to(logprobs.dtype)
-    log_r = ((logprobs - old_logprobs) * mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    ratio = log_r.exp()
-    A = advantages.to(logprobs.dtype)
-    pg1 = -A * ratio
-    pg2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = _masked_mean(torch.max(pg1, pg2), mask)
-    with torch.no_grad():
-        clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(logprobs.dtype)
-        stats = {
-            "clipfrac": _masked_mean(clipped, mask).item(),
-            "approx_kl": _masked_mean((ratio - 1) - log_r, mask).item(),
-            "ratio_mean": _masked_mean(ratio, mask).item(),
-        }
-    return loss, stats
+    return _clipped_surrogate((logprobs - old_logprobs) * mask, advantages, mask, clip_low, clip_high)
 
 
 def value_loss(values, old_values, returns, mask, clip):
