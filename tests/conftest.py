@@ -1,4 +1,5 @@
 """Shared test helpers: offline Hugging Face, a tiny deterministic env (the envs/ protocol), the tiny policy."""
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,3 +59,18 @@ def one_thread():
 def tiny():
     from model import load_policy
     return load_policy("tiny")
+
+
+def check_sync(engine, model, tok):
+    """Perturb a copy of `model`, check the engine does not follow it yet, sync, check it follows (1e-4)."""
+    from rollout import first_prompt
+    trainer = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
+    assert not torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-3)
+    engine.sync(trainer)
+    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)  # same prompt: no stale weights or cached KV
+    assert torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-4)

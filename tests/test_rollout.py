@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import CountEnv, forward_logprobs
+from conftest import CountEnv, check_sync, forward_logprobs
 from rollout import HFEngine, collect, eos_ids, first_prompt
 from step_mdp import collate, extends, packable
 
@@ -99,21 +99,7 @@ def test_cut_responses_max_steps_and_context_limit(tiny):
 
 def test_sync_moves_engine_to_new_weights(tiny):
     model, tok = tiny
-    trainer = copy.deepcopy(model)
-    engine = HFEngine(copy.deepcopy(model), tok)  # an inference copy: sync must copy the weights over
-    with torch.no_grad():
-        for p in trainer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
-    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
-    assert not torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-3)
-    engine.sync(trainer)
-    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
-    assert torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-4)
-    shared = HFEngine(trainer, tok)
-    shared.sync(trainer)  # sharing the model object: a no-op
-    assert shared.model is trainer
-
+    check_sync(HFEngine(copy.deepcopy(model), tok), model, tok)  # an inference copy: sync must copy the weights
 
 def test_batched_matches_one_at_a_time(tiny):
     """16 envs in one batch vs one env at a time: same tasks, lengths, ends, rewards, packing and TITO."""

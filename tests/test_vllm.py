@@ -1,5 +1,4 @@
 """vLLM tier (`pytest -m vllm`, see requirements-vllm.txt): the VLLMEngine is token in token out and sync works."""
-import copy
 import os
 
 import pytest
@@ -9,7 +8,7 @@ pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
-from conftest import CountEnv, forward_logprobs  # noqa: E402
+from conftest import CountEnv, check_sync, forward_logprobs  # noqa: E402
 from model import resolve  # noqa: E402
 from rollout import HFEngine, VLLMEngine, collect, first_prompt  # noqa: E402
 from step_mdp import packable  # noqa: E402
@@ -55,20 +54,7 @@ def test_vllm_repeated_seeds_sample_differently(engine, tiny):
 
 def test_vllm_sync_follows_trainer_weights(engine, tiny):
     model, tok = tiny
-    trainer = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in trainer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
-    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
-    assert not torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-3)
-    engine.sync(trainer)
-    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)  # same prompt: the prefix cache must not serve old KV
-    assert torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-4)
-    engine.sync(model)  # back to the original weights for the other tests
-    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
-    assert torch.allclose(forward_logprobs(model, prompt, ids), torch.tensor(lps), atol=1e-4)
-
+    check_sync(engine, model, tok)
 
 def test_vllm_and_hf_agree_greedy(engine, tiny):
     model, tok = tiny
