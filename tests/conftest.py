@@ -62,7 +62,7 @@ def tiny():
 
 
 def check_sync(engine, model, tok):
-    """Perturb a copy of `model`, check the engine does not follow it yet, sync, check it follows (1e-4)."""
+    """Perturb a copy of `model`, check the engine does not follow it yet, sync, check it follows (1e-4), sync back."""
     from rollout import first_prompt
     trainer = copy.deepcopy(model)
     with torch.no_grad():
@@ -71,6 +71,7 @@ def check_sync(engine, model, tok):
     prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
     (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)
     assert not torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-3)
-    engine.sync(trainer)
-    (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)  # same prompt: no stale weights or cached KV
-    assert torch.allclose(forward_logprobs(trainer, prompt, ids), torch.tensor(lps), atol=1e-4)
+    for m in (trainer, model):  # and back, so the shared engine leaves the check as it came in
+        engine.sync(m)
+        (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)  # same prompt: no stale weights or cached KV
+        assert torch.allclose(forward_logprobs(m, prompt, ids), torch.tensor(lps), atol=1e-4)
