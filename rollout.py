@@ -199,7 +199,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     max_len = max_len or engine.max_len
     eos = eos_ids(tokenizer)
     trajectories = []
-    bar = tqdm(total=len(seeds), desc="rollout", unit="ep", disable=None)
+    bar = tqdm(total=len(seeds), desc="rollout", unit="ep", leave=False, disable=None)
     for start in range(0, len(seeds), len(envs)):
         episodes = []
         for env, s in zip(envs, seeds[start:start + len(envs)]):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import envs
 from credit import gigpo, grpo, rloo, step_gae, token_gae, whiten
@@ -42,7 +43,7 @@ class Config:
     estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo
     loss: str = "step"  # step: one clipped ratio per step (StepPO) | token: one per token (PPO/GRPO)
     context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
-    iters: int = 30  # RL iterations
+    iters: int = 30  # RL iterations (0: warm start and evaluate only, e.g. to share one warm start between runs)
     envs_per_iter: int = 32  # trajectories collected per iteration per process
     group_size: int = 4  # trajectories per task (GRPO/RLOO/GiGPO groups)
     max_steps: int = 0  # turns per episode; 0 = the environment's max_steps
@@ -102,11 +103,11 @@ def check_config(cfg: Config):
         return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
     if cfg.estimator in ("grpo", "rloo", "gigpo") and cfg.group_size < 2:
         return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
-    for name in ("iters", "epochs", "minibatch_size", "max_new_tokens", "eval_every", "eval_episodes"):
+    for name in ("epochs", "minibatch_size", "max_new_tokens", "eval_every", "eval_episodes"):
         if getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
-    if cfg.sft_steps < 0 or cfg.max_steps < 0 or cfg.temperature < 0:
-        return "--sft-steps, --max-steps and --temperature must be >= 0"
+    if cfg.iters < 0 or cfg.sft_steps < 0 or cfg.max_steps < 0 or cfg.temperature < 0:
+        return "--iters, --sft-steps, --max-steps and --temperature must be >= 0"
     if cfg.engine == "vllm":
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
@@ -427,6 +428,7 @@ def main(cfg: Config):
         group["lr"] = cfg.lr  # RL learning rate from here on (the warm start used sft_lr)
     engine.sync(policy)
 
+    bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", disable=None if master else True)
     for it in range(start, cfg.iters + 1):  # the extra last pass only evaluates the final policy
         t0 = time.time()
         seed_everything(cfg.seed * 1_000_003 + it * 7_919 + rank)  # per-iteration streams: resume is exact
@@ -466,7 +468,7 @@ def main(cfg: Config):
         if ref is not None:
             row["kl_ref"] = st["kl_ref"]
         if st["skipped_updates"] and master:
-            print(f"iteration {it}: skipped {st['skipped_updates']} updates with a non-finite gradient", file=sys.stderr)
+            tqdm.write(f"iteration {it}: skipped {st['skipped_updates']} updates with a non-finite gradient", file=sys.stderr)
         if master:
             history.append(row)
             with open(metrics_path, "a") as f:
@@ -477,8 +479,10 @@ def main(cfg: Config):
                 "ref": ref.state_dict() if ref is not None else None, "rng": rng_state(), "iter": it,
                 "config": dataclasses.asdict(cfg), "history": history})
             ev = f" eval {row['eval_success_rate']:.2f}" if "eval_success_rate" in row else ""
-            print(f"iter {it}: success {row['success_rate']:.2f} return {row['mean_return']:.2f} "
-                  f"steps {row['mean_steps']:.1f} invalid {row['invalid_rate']:.2f}{ev} ({row['wall_s']:.1f}s)")
+            tqdm.write(f"iter {it}: success {row['success_rate']:.2f} return {row['mean_return']:.2f} "
+                       f"steps {row['mean_steps']:.1f} invalid {row['invalid_rate']:.2f}{ev} ({row['wall_s']:.1f}s)")
+            bar.update()
+    bar.close()
 
     if master:
         policy.save_pretrained(os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM

@@ -56,6 +56,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
             {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
 
 
+def test_iters_zero_is_a_warm_start_other_runs_can_share(tmp_path):
+    warm, rows = run(tmp_path, "--iters", "0", "--eval-episodes", "4", name="warm")
+    assert [set(r) for r in rows] == [{"iter", "eval_success_rate"}]  # warm start, one evaluation, no RL
+    from model import load_policy
+    base, saved = load_policy("tiny")[0], load_policy(os.path.join(warm, "final"))[0]
+    assert not torch.equal(base.lm_head.weight, saved.lm_head.weight)  # the saved policy is the warm-started one
+    _, rl = run(tmp_path, "--model", os.path.join(warm, "final"), "--sft-steps", "0", "--eval-episodes", "4", name="rl")
+    assert rl[0]["eval_success_rate"] == rows[0]["eval_success_rate"]  # it starts where the warm start ended
+
+
 def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(train.parse_config(TINY + ["--out", str(tmp_path / "none"), "--resume"]))
