@@ -151,6 +151,10 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))  # vLLM 0.32 in-place
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
+    def close(self) -> None:
+        """Shut the engine down now (under torchrun: before the caller destroys its process group)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seed: int | None = None) -> list[tuple[list[int], list[float]]]:
         from vllm import SamplingParams, TokensPrompt

@@ -40,6 +40,7 @@ class Config:
     env_kwargs: str = "{}"  # JSON object of constructor arguments, e.g. '{"invalid_penalty": 0.1}'
     model: str = "tiny"  # hub id, local path, tiny (built offline) or smollm2-135m
     engine: str = "hf"  # rollout engine: hf (transformers generate) | vllm
+    vllm_memory: float = 0.3  # GPU memory fraction each colocated vLLM engine may take (the trainer shares the GPU)
     estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo
     loss: str = "step"  # step: one clipped ratio per step (StepPO) | token: one per token (PPO/GRPO)
     context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
@@ -108,6 +109,8 @@ def check_config(cfg: Config):
             return f"--{name.replace('_', '-')} must be >= 1"
     if cfg.iters < 0 or cfg.sft_steps < 0 or cfg.max_steps < 0 or cfg.temperature < 0:
         return "--iters, --sft-steps, --max-steps and --temperature must be >= 0"
+    if not 0 < cfg.vllm_memory < 1:
+        return f"--vllm-memory is a fraction of the GPU's memory, in (0, 1), not {cfg.vllm_memory}"
     if cfg.engine == "vllm":
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
@@ -370,10 +373,14 @@ def main(cfg: Config):
     def make_engine():
         if cfg.engine == "hf":
             return HFEngine(policy, tok)  # shares the trainer's weights: sync is free
-        path = os.path.join(cfg.out, f"engine_init_rank{rank}")  # vLLM starts from a saved copy, then syncs
-        policy.save_pretrained(path)
-        tok.save_pretrained(path)
-        return VLLMEngine(path, seed=cfg.seed + rank)
+        path = os.path.join(cfg.out, "engine_init")  # vLLM starts from a saved copy (rank 0's), then syncs
+        if master:
+            policy.save_pretrained(path)
+            tok.save_pretrained(path)
+        if dist.is_initialized():
+            dist.barrier()
+        kw = dict(gpu_memory_utilization=cfg.vllm_memory) if device.type == "cuda" else dict(enforce_eager=True)
+        return VLLMEngine(path, seed=cfg.seed + rank, **kw)
 
     def rollouts(engine, env_list, seeds, temperature, sample_seed, expert=False):
         policy.eval()
@@ -490,6 +497,8 @@ def main(cfg: Config):
         plot_curve(cfg.out, history)
         ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
         print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
+    if isinstance(engine, VLLMEngine):
+        engine.close()  # vLLM tears down the process groups it made inside ours: before ours goes
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -84,6 +84,7 @@ def test_resume_errors_are_clear(tmp_path):
     (["--estimator", "grpo", "--group-size", "1", "--envs-per-iter", "4"], "group-size >= 2"),
     (["--envs-per-iter", "5", "--group-size", "2"], "multiple of --group-size"),
     (["--iters", "zero"], "invalid int value"),
+    (["--vllm-memory", "1.5"], "--vllm-memory is a fraction"),
     (["--env-kwargs", "[1]"], "must be a JSON object"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
 ])

@@ -61,3 +61,21 @@ def test_vllm_and_hf_agree_greedy(engine, tiny):
     prompts = [first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(s)[0]) for s in range(4)]
     for (a, la), (b, lb) in zip(engine.generate(prompts, 8, 0.0), HFEngine(model, tok).generate(prompts, 8, 0.0)):
         assert a == b and torch.allclose(torch.tensor(la), torch.tensor(lb), atol=1e-4)
+
+
+def test_two_process_run_with_colocated_vllm_engines(tmp_path):
+    """torchrun, 2 processes, one vLLM engine each (inside the trainer's process group), clean shutdown."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+           os.path.join(root, "train.py"), "--engine", "vllm", "--iters", "2", "--envs-per-iter", "4",
+           "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "8", "--sft-steps", "2", "--sft-episodes", "4",
+           "--eval-episodes", "2", "--out", out]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["iter"] for line in f] == [0, 1, 2]
