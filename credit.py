@@ -36,17 +36,20 @@ def step_gae(rewards, values, step_mask, gamma, lam, bootstrap=None):
     return adv, returns
 
 
-def whiten(x, mask, eps=1e-8):
+def whiten(x, mask, eps=1e-8, all_sum=None):
     """(x - mean) / (std + eps) over the entries where mask is 1 (unbiased std); 0 elsewhere.
 
     Step-level whitening (StepPO): one entry per step, never one per token. Fewer than 2 entries -> zeros.
+    all_sum: a function summing a 1-D tensor over processes (train.py passes one under DDP), so the mean and
+    std are those of the whole batch across processes, as if one process had collected it.
     """
+    all_sum = all_sum or (lambda t: t)
     mask = mask.to(x.dtype)
-    n = mask.sum()
+    n, total = all_sum(torch.stack([mask.sum(), (x * mask).sum()]))
     if n < 2:
         return torch.zeros_like(x)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1)
+    mean = total / n
+    var = all_sum((((x - mean) * mask) ** 2).sum()[None])[0] / (n - 1)
     return (x - mean) / (var.sqrt() + eps) * mask
 
 

@@ -186,7 +186,8 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
     """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values.
 
     step_gae: Sec. 'step-level credit assignment' of StepPO; V(s_t) is read at the step boundary, truncated
-    episodes bootstrap from the critic at the end of their last action; advantages are whitened over steps.
+    episodes bootstrap from the critic at the end of their last action; advantages are whitened over steps
+    (over all processes' steps under DDP).
     """
     full = collate(trajs, pad_id)  # (N, T) grids and the step -> token layout of the whole batch
     N, T = full.step_mask.shape
@@ -197,6 +198,10 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
     tok_mask = torch.zeros(N, T, A)
     tok_mask[full.traj_index, full.step_index] = full.action_step_mask
     boot = torch.zeros(N)
+
+    def procs_sum(t):  # whitening statistics over every process's batch under DDP (identity otherwise)
+        return torch.tensor(all_sum(t.tolist(), device), dtype=t.dtype)
+
     if critic is not None:
         for idx in torch.arange(N).split(cfg.minibatch_size):
             b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
@@ -211,13 +216,13 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
         boot = boot * (~full.terminated).float()  # terminated episodes have nothing to bootstrap
     if cfg.estimator == "step_gae":
         adv, out["ret_step"] = step_gae(R, out["v_step"], M, cfg.gamma, cfg.lam, bootstrap=boot)
-        adv = whiten(adv, M) if cfg.whiten else adv  # one entry per step, never per token
+        adv = whiten(adv, M, all_sum=procs_sum) if cfg.whiten else adv  # one entry per step, never per token
     elif cfg.estimator == "token_gae":
         last = (full.action_step_mask.sum(1).long() - 1).clamp(min=0)
         tok_r = torch.zeros(N, T, A)
         tok_r[full.traj_index, full.step_index, last] = R[full.traj_index, full.step_index]  # reward at a step's last token
         a, r = token_gae(tok_r.view(N, -1), out["v_tok"].view(N, -1), tok_mask.view(N, -1), cfg.gamma, cfg.lam, boot)
-        out["adv_tok"] = (whiten(a, tok_mask.view(N, -1)) if cfg.whiten else a).view(N, T, A)
+        out["adv_tok"] = (whiten(a, tok_mask.view(N, -1), all_sum=procs_sum) if cfg.whiten else a).view(N, T, A)
         out["ret_tok"] = r.view(N, T, A)
         adv = out["adv_tok"][:, :, 0]  # only for logging
     elif cfg.estimator in ("grpo", "rloo"):

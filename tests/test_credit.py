@@ -110,6 +110,41 @@ def test_whiten_matches_slow_loop_and_edges():
     assert torch.equal(whiten(torch.randn(4), torch.zeros(4)), torch.zeros(4))
 
 
+def _whiten_half(rank, x, mask, port, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def all_sum(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+    half = slice(rank * 3, rank * 3 + 3)
+    results.put((rank, whiten(x[half], mask[half], all_sum=all_sum)))
+    dist.destroy_process_group()
+
+
+def test_whiten_across_processes_equals_whiten_of_the_whole_batch():
+    """Under DDP each process holds 3 of 6 trajectories; with all_sum the result is that of all 6 in one place."""
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(6, 5, generator=g) * 2 + 1, (torch.rand(6, 5, generator=g) < 0.6).float()
+    mask[0] = 1  # the two halves differ in size and in mean, so per-process whitening would differ
+    x[3:] += 3
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = 29000 + random.randrange(500)
+    procs = [ctx.Process(target=_whiten_half, args=(r, x, mask, port, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    whole = whiten(x, mask)
+    assert torch.allclose(torch.cat([got[0], got[1]]), whole, atol=1e-6)
+    assert not torch.allclose(got[0], whiten(x[:3], mask[:3]), atol=1e-3)  # and per process would not be
+
+
 def slow_groups(scores, ids):
     groups = {}
     for i, k in enumerate(ids):
