@@ -130,11 +130,11 @@ def report(warm, jobs, out_dir):
             results["summary"][f"{env}/{method}"]["seeds"] = [r["seed"] for r in runs]
             curves = np.array([x["eval"] for x in runs])
             mean = curves.mean(0)
-            ax.plot(runs[0]["iters"], mean, "o-", ms=3, label=method)
-            ax.fill_between(runs[0]["iters"], curves.min(0), curves.max(0), alpha=0.15)
-        ax.set(title=f"{env}: held-out greedy success (mean, shaded min-max over seeds)", xlabel="iteration",
-               ylabel="eval success rate")
-        ax.legend()
+            line, = ax.plot(runs[0]["iters"], mean, "o-", ms=3, label=f"{method} (n={len(runs)})")
+            ax.fill_between(runs[0]["iters"], curves.min(0), curves.max(0), alpha=0.12, color=line.get_color())
+        ax.set_title(f"{env}: held-out greedy success, mean and min-max over seeds", fontsize=10)
+        ax.set(xlabel="iteration", ylabel="eval success rate", ylim=(0, max(0.25, ax.get_ylim()[1])))
+        ax.legend(fontsize=7, ncol=3, loc="upper left")
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"learning_{env}.png"), dpi=120)
         plt.close(fig)
