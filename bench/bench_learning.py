@@ -51,12 +51,14 @@ def command(env, method, seed, out, runs_dir):
             "--out", out, *warm, *ENV_ARGS[env]]
 
 
+def metrics(out):
+    path = os.path.join(ROOT, out, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
 def finished(out, iters):
     """The run in `out` got to its final evaluation row."""
-    path = os.path.join(ROOT, out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return False
-    rows = [json.loads(line) for line in open(path)]
+    rows = metrics(out)
     return bool(rows) and rows[-1]["iter"] == iters and "eval_success_rate" in rows[-1]
 
 
@@ -91,7 +93,7 @@ def run_all(jobs):
 
 def summarize(r):
     """Eval curve, final eval, normalised area under the eval curve, env steps, wall time, peak RSS of one run."""
-    rows = [json.loads(line) for line in open(os.path.join(ROOT, r["out"], "metrics.jsonl"))]
+    rows = metrics(r["out"])
     ev = [(row["iter"], row["eval_success_rate"]) for row in rows if "eval_success_rate" in row]
     it, sr = np.array(ev, dtype=float).T
     envs_per_iter = flag(r["cmd"], "--envs-per-iter", 32)
