@@ -100,6 +100,10 @@ def test_cut_responses_max_steps_and_context_limit(tiny):
 def test_sync_moves_engine_to_new_weights(tiny):
     model, tok = tiny
     check_sync(HFEngine(copy.deepcopy(model), tok), model, tok)  # an inference copy: sync must copy the weights
+    shared = HFEngine(model, tok)
+    shared.sync(model)  # sharing the model object: a no-op
+    assert shared.model is model
+
 
 def test_batched_matches_one_at_a_time(tiny):
     """16 envs in one batch vs one env at a time: same tasks, lengths, ends, rewards, packing and TITO."""
