@@ -169,10 +169,9 @@ if __name__ == "__main__":
     ARGS = p.parse_args()
 
     def job(env, method, seed):
-        out = os.path.join(ARGS.runs_dir, env, method, f"seed{seed}" if method != "warm" else "")
-        cmd = command(env, method, seed, out.rstrip("/"), ARGS.runs_dir)
-        return {"env": env, "method": method, "seed": seed, "iters": flag(cmd, "--iters", 30), "out": out.rstrip("/"),
-                "cmd": cmd}
+        out = os.path.join(ARGS.runs_dir, env, method, *([] if method == "warm" else [f"seed{seed}"]))
+        cmd = command(env, method, seed, out, ARGS.runs_dir)
+        return {"env": env, "method": method, "seed": seed, "iters": flag(cmd, "--iters", 30), "out": out, "cmd": cmd}
 
     warm = [job(e, "warm", 0) for e in ARGS.envs if e in WARM]
     jobs = [job(e, m, s) for e in ARGS.envs for s in ARGS.seeds for m in ARGS.methods]
