@@ -423,8 +423,9 @@ def main(cfg: Config):
         if cfg.sft_steps:  # warm start on expert demonstrations from the training pool
             demo_seeds = [10_000_000 + rank * cfg.sft_episodes + i for i in range(cfg.sft_episodes)]
             demos = [t for t in rollouts(engine, train_envs, demo_seeds, 0.0, cfg.seed, expert=True) if t.success]
-            if not demos:
-                raise SystemExit(f"error: --sft-steps: no winning expert episode in {cfg.env!r} (does info[\"expert\"] exist?)")
+            if all_sum([float(not demos)], device)[0]:  # every process stops together, none waits for the others
+                raise SystemExit(f"error: --sft-steps: a process got no winning expert episode in {cfg.env!r} out of "
+                                 f"{cfg.sft_episodes} (does info[\"expert\"] exist? raise --sft-episodes)")
             sft_loss = warm_start(cfg, policy_ddp, opt_p, demos, pad_id, device, g)
             if master:
                 print(f"warm start: {cfg.sft_steps} steps on {len(demos)} expert episodes, final NLL {sft_loss:.3f}")

@@ -1,12 +1,17 @@
 """Shared test helpers: offline Hugging Face, a tiny deterministic env (the envs/ protocol), the tiny policy."""
 import copy
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CountEnv:
@@ -75,3 +80,16 @@ def check_sync(engine, model, tok):
         engine.sync(m)
         (ids, lps), = engine.generate([prompt], 8, 1.0, seed=0)  # same prompt: no stale weights or cached KV
         assert torch.allclose(forward_logprobs(m, prompt, ids), torch.tensor(lps), atol=1e-4)
+
+
+def torchrun_train(flags: list[str], port: int, env: dict | None = None, timeout: int = 600):
+    """`torchrun --nproc_per_node 2 train.py *flags` on CPU (gloo), one OpenMP thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(ROOT, "train.py"), *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def metric_rows(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

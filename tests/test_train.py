@@ -1,16 +1,13 @@
 """End-to-end runs of train.py with tiny budgets (CleanRL style): every estimator, resume, DDP, plugins, bad flags."""
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import train
+from conftest import metric_rows, torchrun_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
         "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
 TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s"}
@@ -19,8 +16,7 @@ TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s"}
 def run(tmp_path, *flags, name="run"):
     out = str(tmp_path / name)
     train.main(train.parse_config(TINY + ["--out", out, *flags]))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return out, [json.loads(line) for line in f]
+    return out, metric_rows(out)
 
 
 @pytest.mark.parametrize("env", ["multihop", "alfworld"])
@@ -48,8 +44,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     _, full = run(tmp_path, "--iters", "3", name="full")
     out, _ = run(tmp_path, "--iters", "2", name="cut")  # "interrupted" after two iterations
     train.main(train.parse_config(TINY + ["--out", out, "--iters", "3", "--resume"]))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        resumed = [json.loads(line) for line in f]
+    resumed = metric_rows(out)
     assert [r["iter"] for r in resumed] == [r["iter"] for r in full] == [0, 1, 2, 3]
     for a, b in zip(full, resumed):
         assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
@@ -123,7 +118,7 @@ class Guess:
                 "expert": f"<action>{self.word}</action>", "prompt": f"Say {self.word}."}
 
     def reset(self, seed):
-        self.word, self.done = ("red", "blue")[seed % 2], False
+        self.seed, self.word, self.done = seed, ("red", "blue")[seed % 2], False
         return f"Say {self.word}.", self._info()
 
     def step(self, response):
@@ -132,6 +127,12 @@ class Guess:
         won = f"<action>{self.word}</action>" in response
         self.done = won
         return ("Right." if won else "Wrong."), float(won), won, self._info(won=won, invalid=not won)
+
+
+class GuessNoDemosOnRank1(Guess):
+    """No expert for seeds from 10_000_004: with --sft-episodes 4, process 1 gets no demonstration."""
+    def _info(self, won=False, invalid=False):
+        return {**super()._info(won, invalid), **({"expert": None} if self.seed >= 10_000_004 else {})}
 '''
 
 
@@ -144,12 +145,16 @@ def test_plugin_env_trains(tmp_path, monkeypatch):
 
 def test_two_process_gloo_run(tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "train.py"), *TINY, "--out", out]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_train([*TINY, "--out", out], port=29517)
     assert r.returncode == 0, r.stderr[-3000:]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = metric_rows(out)
     assert [r["iter"] for r in rows] == [0, 1, 2]
     assert rows[0]["mean_steps"] >= 1
+
+
+def test_a_process_without_demonstrations_stops_every_process(tmp_path):
+    (tmp_path / "guess_plugin_ddp.py").write_text(textwrap.dedent(PLUGIN))
+    r = torchrun_train([*TINY, "--out", str(tmp_path / "ddp"), "--env", "guess_plugin_ddp:GuessNoDemosOnRank1"],
+                       port=29518, env={"PYTHONPATH": str(tmp_path)}, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("a process got no winning expert episode") == 2, r.stderr[-3000:]  # both processes say it

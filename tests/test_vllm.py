@@ -8,7 +8,7 @@ pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
-from conftest import CountEnv, check_sync, forward_logprobs  # noqa: E402
+from conftest import CountEnv, check_sync, forward_logprobs, metric_rows, torchrun_train  # noqa: E402
 from model import resolve  # noqa: E402
 from rollout import HFEngine, VLLMEngine, collect, first_prompt  # noqa: E402
 from step_mdp import packable  # noqa: E402
@@ -65,17 +65,9 @@ def test_vllm_and_hf_agree_greedy(engine, tiny):
 
 def test_two_process_run_with_colocated_vllm_engines(tmp_path):
     """torchrun, 2 processes, one vLLM engine each (inside the trainer's process group), clean shutdown."""
-    import json
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-           os.path.join(root, "train.py"), "--engine", "vllm", "--iters", "2", "--envs-per-iter", "4",
-           "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "8", "--sft-steps", "2", "--sft-episodes", "4",
-           "--eval-episodes", "2", "--out", out]
-    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_train(["--engine", "vllm", "--iters", "2", "--envs-per-iter", "4", "--group-size", "2",
+                        "--max-steps", "2", "--max-new-tokens", "8", "--sft-steps", "2", "--sft-episodes", "4",
+                        "--eval-episodes", "2", "--out", out], port=29521)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        assert [json.loads(line)["iter"] for line in f] == [0, 1, 2]
+    assert [row["iter"] for row in metric_rows(out)] == [0, 1, 2]
