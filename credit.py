@@ -10,6 +10,16 @@ tokens. Every function is vectorised over trajectories; the only Python loops ru
 import torch
 
 
+def _as_float(x):
+    """Integer/bool inputs become float32, so advantages are never truncated to integers."""
+    return x if x.is_floating_point() else x.float()
+
+
+def _masked(x, mask):
+    """x where mask is set, 0 elsewhere: NaN or inf in padding never leaks into real entries."""
+    return torch.where(mask > 0, x, torch.zeros_like(x))
+
+
 def step_gae(rewards, values, step_mask, gamma, lam, bootstrap=None):
     """Step-level GAE (StepPO step-level credit assignment; GAE of Schulman et al. 2016 over turns). All inputs/outputs (N, T).
 
@@ -17,16 +27,17 @@ def step_gae(rewards, values, step_mask, gamma, lam, bootstrap=None):
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t + gamma lam A_{t+1}, A_{T_i} = 0; returns = A + V.
     Entries outside step_mask are 0 in both outputs.
     """
+    rewards = _as_float(rewards)
     N, T = rewards.shape
     mask = step_mask.to(rewards.dtype)
-    values = values * mask
-    boot = torch.zeros(N, dtype=rewards.dtype) if bootstrap is None else bootstrap.to(rewards.dtype)
+    rewards, values = _masked(rewards, mask), _masked(values.to(rewards.dtype), mask)
+    boot = rewards.new_zeros(N) if bootstrap is None else bootstrap.to(rewards)
     adv = torch.zeros_like(rewards)
-    next_adv = torch.zeros(N, dtype=rewards.dtype)
+    next_adv = rewards.new_zeros(N)
     next_value = boot.clone()  # used only at each trajectory's last real step
     for t in reversed(range(T)):
         m = mask[:, t]
-        is_last = (m > 0) & ((mask[:, t + 1] == 0) if t + 1 < T else torch.ones(N, dtype=torch.bool))
+        is_last = (m > 0) & ((mask[:, t + 1] == 0) if t + 1 < T else torch.ones_like(m, dtype=torch.bool))
         v_next = torch.where(is_last, boot, next_value)
         a_next = torch.where(is_last, torch.zeros_like(next_adv), next_adv)
         delta = rewards[:, t] + gamma * v_next - values[:, t]
@@ -44,7 +55,9 @@ def whiten(x, mask, eps=1e-8, all_sum=None):
     std are those of the whole batch across processes, as if one process had collected it.
     """
     all_sum = all_sum or (lambda t: t)
+    x = _as_float(x)
     mask = mask.to(x.dtype)
+    x = _masked(x, mask)
     n, total = all_sum(torch.stack([mask.sum(), (x * mask).sum()]))
     if n < 2:
         return torch.zeros_like(x)
@@ -60,19 +73,20 @@ def token_gae(token_rewards, token_values, token_mask, gamma, lam, bootstrap=Non
     (environment tokens, padding) without advancing. After the last action token the next value is
     bootstrap[i] (0 when None). Outputs are 0 outside the mask.
     """
+    token_rewards = _as_float(token_rewards)
     N, L = token_rewards.shape
     mask = token_mask.to(token_rewards.dtype)
-    dtype = token_rewards.dtype
+    token_values = _masked(token_values.to(token_rewards.dtype), mask)
     adv = torch.zeros_like(token_rewards)
-    next_adv = torch.zeros(N, dtype=dtype)
-    next_value = torch.zeros(N, dtype=dtype) if bootstrap is None else bootstrap.to(dtype).clone()
+    next_adv = token_rewards.new_zeros(N)
+    next_value = token_rewards.new_zeros(N) if bootstrap is None else bootstrap.to(token_rewards).clone()
     for t in reversed(range(L)):
         m = mask[:, t] > 0
         delta = token_rewards[:, t] + gamma * next_value - token_values[:, t]
         a = delta + gamma * lam * next_adv
         adv[:, t] = torch.where(m, a, torch.zeros_like(a))
         next_adv = torch.where(m, a, next_adv)  # mask-0 positions carry the recursion through unchanged
-        next_value = torch.where(m, token_values[:, t].to(dtype), next_value)
+        next_value = torch.where(m, token_values[:, t], next_value)
     returns = (adv + token_values) * mask
     return adv, returns
 
@@ -81,10 +95,10 @@ def _group_stats(x, group_ids):
     """Per-element group size, group mean and unbiased group variance (0 for groups of one). All (N,)."""
     _, inv = torch.unique(group_ids, return_inverse=True)
     G = int(inv.max()) + 1
-    count = torch.zeros(G, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
-    total = torch.zeros(G, dtype=x.dtype).index_add_(0, inv, x)
+    count = x.new_zeros(G).index_add_(0, inv, torch.ones_like(x))
+    total = x.new_zeros(G).index_add_(0, inv, x)
     mean = total / count
-    sq = torch.zeros(G, dtype=x.dtype).index_add_(0, inv, (x - mean[inv]) ** 2)
+    sq = x.new_zeros(G).index_add_(0, inv, (x - mean[inv]) ** 2)
     var = sq / (count - 1).clamp(min=1)
     return count[inv], mean[inv], var[inv]
 
@@ -95,7 +109,7 @@ def grpo(scores, group_ids, std_normalize=True, eps=1e-6):
     (s - group mean) / (unbiased group std + eps).
     With std_normalize=False: s - group mean (Dr. GRPO). A group of one gets 0.
     """
-    scores = scores.to(torch.float32) if not scores.is_floating_point() else scores
+    scores = _as_float(scores)
     count, mean, var = _group_stats(scores, group_ids)
     adv = scores - mean
     if std_normalize:
@@ -108,7 +122,7 @@ def rloo(scores, group_ids):
 
     A group of one gets 0.
     """
-    scores = scores.to(torch.float32) if not scores.is_floating_point() else scores
+    scores = _as_float(scores)
     count, mean, _ = _group_stats(scores, group_ids)
     others = (mean * count - scores) / (count - 1).clamp(min=1)
     return torch.where(count > 1, scores - others, torch.zeros_like(scores))
@@ -122,11 +136,12 @@ def gigpo(rewards, step_mask, group_ids, state_ids, gamma, step_weight=1.0, eps=
     group = the valid steps sharing (group_id, state_id); an anchor group of one gets 0.
     Result = episode + step_weight * step, 0 outside step_mask.
     """
+    rewards = _as_float(rewards)
     mask = step_mask.to(rewards.dtype)
-    r = rewards * mask
-    episode = grpo(r.sum(1), group_ids)[:, None].expand_as(r)
+    r = _masked(rewards, mask)
+    episode = grpo(r.sum(1), group_ids, eps=eps)[:, None].expand_as(r)
     G = torch.zeros_like(r)  # discounted reward-to-go, (N, T)
-    running = torch.zeros(r.shape[0], dtype=r.dtype)
+    running = r.new_zeros(r.shape[0])
     for t in reversed(range(r.shape[1])):
         running = r[:, t] + gamma * running
         G[:, t] = running

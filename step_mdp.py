@@ -14,6 +14,7 @@ import torch
 
 @dataclass
 class Step:
+    """One turn of the step-level MDP (StepPO, 'step-level MDP'): state s_t, action a_t, reward r_t."""
     prompt_ids: list[int]  # s_t: every token the policy was conditioned on this turn
     action_ids: list[int]  # a_t: the whole response generated this turn
     logprobs: list[float]  # behaviour log-prob of each action token, from the rollout engine
@@ -25,6 +26,7 @@ class Step:
 
 @dataclass
 class Trajectory:
+    """One episode: its steps in order, the task it played (the group key) and how it ended."""
     steps: list[Step]
     task_id: str  # group key: trajectories of the same task instance share it
     terminated: bool  # True: the environment ended it; False: cut at the step limit (bootstrap)

@@ -13,41 +13,51 @@ LOG_RATIO_LIMIT = 20.0  # |log r| is clamped here so exp never overflows into in
 
 
 def _masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """sum(mask * x) / sum(mask); entries outside the mask count as 0 even when they are NaN or inf."""
+    return torch.where(mask > 0, x * mask, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
-def token_logprobs(logits, input_ids, chunk_tokens=1 << 16):
+def _chunks(B, L, V, chunk_tokens):
+    """(row, column) slices tiling a (B, L) grid, each at most chunk_tokens positions (default: 2^24 / V, i.e.
+    about 64 MiB of fp32 temporaries whatever the vocabulary)."""
+    n = chunk_tokens or max(1, (1 << 24) // V)
+    rows, cols = max(1, n // max(L, 1)), max(1, min(L, n))
+    for i in range(0, B, rows):
+        for j in range(0, L, cols):
+            yield slice(i, i + rows), slice(j, j + cols)
+
+
+def token_logprobs(logits, input_ids, chunk_tokens=None):
     """Per-token log-probs (B, L) from logits (B, L, V): column 0 is 0, column j = log_softmax(logits[:, j-1])[ids[:, j]].
 
-    Computed as logit[target] - logsumexp(logits) in fp32, chunked over rows so at most `chunk_tokens` x V
-    floats of temporaries exist at once; no second (B, L, V) tensor is materialised.
+    Computed as logit[target] - logsumexp(logits) in at least fp32, chunk by chunk, so temporaries stay at
+    `chunk_tokens` x V floats and no second (B, L, V) tensor is materialised (bf16 logits under autograd are
+    the exception: their fp32 chunks are kept for the backward pass).
     """
     B, L, V = logits.shape
-    out = logits.new_zeros(B, L, dtype=torch.float32)
-    rows = max(1, chunk_tokens // max(L, 1))
-    for i in range(0, B, rows):
-        lg = logits[i : i + rows, :-1]  # (b, L-1, V) view
-        tgt = input_ids[i : i + rows, 1:, None]
-        picked = lg.gather(-1, tgt).squeeze(-1).float()
-        out[i : i + rows, 1:] = picked - torch.logsumexp(lg.float(), dim=-1)
+    out = logits.new_zeros(B, L, dtype=torch.promote_types(logits.dtype, torch.float32))
+    shifted, lg, tgt = out[:, 1:], logits[:, :-1], input_ids[:, 1:, None]  # views: token j from logits j - 1
+    for r, c in _chunks(B, L - 1, V, chunk_tokens):
+        x = lg[r, c].to(out.dtype)
+        shifted[r, c] = x.gather(-1, tgt[r, c]).squeeze(-1) - torch.logsumexp(x, dim=-1)
     return out
 
 
 @torch.no_grad()
-def token_entropy(logits, chunk_tokens=1 << 16):
+def token_entropy(logits, chunk_tokens=None):
     """Entropy (B, L) of the next-token distribution at each position (a diagnostic; no gradient)."""
     B, L, V = logits.shape
     out = logits.new_zeros(B, L, dtype=torch.float32)
-    rows = max(1, chunk_tokens // max(L, 1))
-    for i in range(0, B, rows):
-        lp = F.log_softmax(logits[i : i + rows].float(), dim=-1)
-        out[i : i + rows] = -(lp.exp() * lp).sum(-1)
+    for r, c in _chunks(B, L, V, chunk_tokens):
+        lp = F.log_softmax(logits[r, c].float(), dim=-1)
+        out[r, c] = -(lp.exp() * lp).sum(-1)
     return out
 
 
 def _clipped_surrogate(log_r, A, weight, clip_low, clip_high):
     """PPO's pessimistic clipped surrogate for log-ratios `log_r` and advantages `A` (same shape), averaged with
-    `weight`; also clipfrac and the k3 estimate of KL(old || new) (http://joschu.net/blog/kl-approx.html)."""
+    `weight`; also clipfrac and the k3 estimate of KL(old || new) (http://joschu.net/blog/kl-approx.html).
+    |log r| is clamped at LOG_RATIO_LIMIT (r <= 4.9e8) so the loss stays finite; beyond it a term has no gradient."""
     log_r = log_r.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_r.exp()
     A = A.to(log_r.dtype)
@@ -69,7 +79,8 @@ def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, 
     """
     mask = action_mask.to(logprobs.dtype)
     n_tok = mask.sum(-1)  # (B,)
-    log_r = (mask * (logprobs - old_logprobs)).sum(-1) / n_tok.clamp(min=1)  # one ratio per step
+    diff = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    log_r = diff.sum(-1) / n_tok.clamp(min=1)  # one ratio per step: the geometric mean of its token ratios
     return _clipped_surrogate(log_r, advantages, (n_tok > 0).to(logprobs.dtype), clip_low, clip_high)
 
 
@@ -79,7 +90,8 @@ def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low,
     loss = sum(mask * l) / sum(mask) with l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
     """
     mask = action_mask.to(logprobs.dtype)
-    return _clipped_surrogate((logprobs - old_logprobs) * mask, advantages, mask, clip_low, clip_high)
+    diff = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    return _clipped_surrogate(diff, advantages, mask, clip_low, clip_high)
 
 
 def value_loss(values, old_values, returns, mask, clip):
@@ -94,7 +106,9 @@ def value_loss(values, old_values, returns, mask, clip):
 
 def kl_k3(logprobs, ref_logprobs, mask):
     """KL(pi || ref) by the k3 estimator (Schulman 2020; as in GRPO, Shao et al. 2024, Eq. 4):
-    masked mean of exp(ref - lp) - (ref - lp) - 1. Non-negative for every token."""
+    masked mean of exp(ref - lp) - (ref - lp) - 1. Non-negative for every token. |ref - lp| is clamped at
+    LOG_RATIO_LIMIT, as in the policy losses."""
     mask = mask.to(logprobs.dtype)
-    d = ((ref_logprobs - logprobs) * mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    d = torch.where(mask > 0, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+    d = d.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return _masked_mean(d.exp() - d - 1, mask)

@@ -191,7 +191,12 @@ def test_rloo_matches_slow_loop():
 def slow_gigpo(rewards, lengths, group_ids, state_ids, gamma, w, eps=1e-6):
     N = len(lengths)
     totals = [sum(rewards[i][: lengths[i]]) for i in range(N)]
-    episode = grpo(torch.tensor(totals), torch.tensor(group_ids), eps=eps).tolist()
+    episode = []
+    for i in range(N):  # GRPO over each task's trajectories, written out
+        mates = [totals[j] for j in range(N) if group_ids[j] == group_ids[i]]
+        mean = sum(mates) / len(mates)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in mates) / (len(mates) - 1)) if len(mates) > 1 else 0.0
+        episode.append((totals[i] - mean) / (sd + eps) if len(mates) > 1 else 0.0)
     G = {}
     for i in range(N):
         run = 0.0
@@ -225,6 +230,42 @@ def test_gigpo_matches_slow_loop(seed):
     want = slow_gigpo(rewards, lengths, group_ids, state_ids, 0.95, 0.7)
     assert torch.allclose(out, torch.tensor(want), atol=1e-4)
     assert (out[mask == 0] == 0).all()
+
+
+def test_gamma_or_lam_zero():
+    rewards, values, mask, _ = ragged(seed=3)
+    adv, _ = step_gae(rewards, values, mask, 0.0, 0.9)  # gamma 0: one-step advantage r_t - V(s_t)
+    assert torch.allclose(adv, (rewards - values) * mask)
+    adv, _ = step_gae(rewards, values, mask, 0.9, 0.0, bootstrap=torch.ones(7))  # lam 0: the TD error
+    v_next = torch.cat([values[:, 1:], torch.zeros(7, 1)], 1) * torch.cat([mask[:, 1:], torch.zeros(7, 1)], 1)
+    last = (mask > 0) & (torch.cat([mask[:, 1:], torch.zeros(7, 1)], 1) == 0)
+    v_next = torch.where(last, torch.ones_like(v_next), v_next)
+    assert torch.allclose(adv, (rewards + 0.9 * v_next - values) * mask, atol=1e-6)
+
+
+def test_integer_rewards_are_not_truncated():
+    r, mask = torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.long)
+    adv, _ = step_gae(r, torch.zeros(1, 2), mask, 0.9, 0.95)
+    assert adv.is_floating_point() and torch.allclose(adv, torch.tensor([[0.855, 1.0]]))
+    adv, _ = token_gae(r, torch.zeros(1, 2), mask, 0.9, 0.95)
+    assert torch.allclose(adv, torch.tensor([[0.855, 1.0]]))
+    out = gigpo(torch.tensor([[0, 1], [1, 1]]), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([[0, 1], [0, 1]]), 1.0)
+    assert torch.allclose(out, gigpo(torch.tensor([[0.0, 1], [1, 1]]), torch.ones(2, 2), torch.tensor([0, 0]),
+                                     torch.tensor([[0, 1], [0, 1]]), 1.0))
+    assert whiten(torch.tensor([1, 2, 3]), torch.ones(3)).is_floating_point()
+
+
+def test_nan_in_padding_stays_out():
+    nan = float("nan")
+    assert torch.allclose(whiten(torch.tensor([1.0, 2.0, nan]), torch.tensor([1.0, 1, 0])),
+                          torch.tensor([-0.70710677, 0.70710677, 0.0]))
+    adv, ret = step_gae(torch.tensor([[1.0, nan]]), torch.tensor([[0.5, nan]]), torch.tensor([[1.0, 0]]), 0.9, 0.9)
+    assert torch.equal(adv, torch.tensor([[0.5, 0.0]])) and torch.equal(ret, torch.tensor([[1.0, 0.0]]))
+    adv, ret = token_gae(torch.tensor([[1.0, nan]]), torch.tensor([[0.5, nan]]), torch.tensor([[1.0, 0]]), 0.9, 0.9)
+    assert torch.equal(adv, torch.tensor([[0.5, 0.0]])) and torch.equal(ret, torch.tensor([[1.0, 0.0]]))
+    out = gigpo(torch.tensor([[1.0, nan], [0.0, nan]]), torch.tensor([[1.0, 0], [1, 0]]), torch.tensor([0, 0]),
+                torch.zeros(2, 2, dtype=torch.long), 1.0)
+    assert torch.isfinite(out).all() and out[0, 0] > 0 > out[1, 0]
 
 
 def test_credit_vectorised_over_a_million_steps():

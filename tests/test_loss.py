@@ -23,6 +23,11 @@ def test_token_logprobs_matches_log_softmax():
     lg2 = logits.clone().requires_grad_(True)
     torch.log_softmax(lg2[:, :-1], -1).gather(-1, ids[:, 1:, None]).sum().backward()
     assert torch.allclose(lg.grad, lg2.grad, atol=1e-5)
+    for chunk in (None, 1, 3, 100):  # the default, chunks inside one row, whole rows
+        assert torch.equal(token_logprobs(logits, ids, chunk_tokens=chunk), out)
+    out64 = token_logprobs(logits.double(), ids)  # fp64 logits keep fp64; bf16 ones are computed in fp32
+    assert out64.dtype == torch.float64 and torch.allclose(out64.float(), out, atol=1e-6)
+    assert token_logprobs(logits.bfloat16(), ids).dtype == torch.float32
 
 
 def test_token_entropy_uniform():
@@ -128,6 +133,19 @@ def test_losses_nan_free_on_empty_rows_and_zero_advantages():
         assert torch.isfinite(loss) and all(math.isfinite(v) for v in stats.values())
     assert value_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.zeros(2), 0.2).item() == 0.0
     assert kl_k3(torch.zeros(2), torch.zeros(2), torch.zeros(2)).item() == 0.0
+
+
+def test_nan_outside_the_mask_stays_out():
+    nan = float("nan")
+    lp, old = torch.tensor([[-1.0, nan]], requires_grad=True), torch.tensor([[-1.2, nan]])
+    mask, A = torch.tensor([[1.0, 0.0]]), torch.tensor([1.0])
+    loss, stats = step_policy_loss(lp, old, A, mask, 0.2, 0.2)
+    want, _ = step_policy_loss(lp[:, :1], old[:, :1], A, mask[:, :1], 0.2, 0.2)
+    assert torch.equal(loss, want) and all(math.isfinite(v) for v in stats.values())
+    loss, _ = token_policy_loss(lp, old, torch.ones(1, 2), mask, 0.2, 0.2)
+    assert torch.isfinite(loss)
+    assert torch.isfinite(kl_k3(lp, old, mask))
+    assert value_loss(torch.tensor([1.0, nan]), torch.zeros(2), torch.zeros(2), mask[0], 0.2).item() == 0.5
 
 
 def test_value_loss_hand_worked_and_slow_loop():
