@@ -27,7 +27,12 @@ REGISTRY = {
 def load_class(spec):
     """Import `"module.path:ClassName"` and return the class."""
     module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise ImportError("expected 'module.path:ClassName'")
+    cls = getattr(importlib.import_module(module), name)
+    if not isinstance(cls, type):
+        raise TypeError("%s is a %s, not a class" % (spec, type(cls).__name__))
+    return cls
 
 
 def make(name, **kwargs):
@@ -37,7 +42,7 @@ def make(name, **kwargs):
     if ":" in name:
         try:
             env_cls = load_class(name)
-        except (ImportError, AttributeError) as e:
+        except (ImportError, AttributeError, TypeError) as e:
             raise ValueError("cannot load environment class %r (%s: %s)" % (name, type(e).__name__, e)) from e
         return env_cls(**kwargs)
     raise ValueError("unknown environment %r: built-in ones are %s, or give a plugin as 'module.path:ClassName'"

@@ -3,9 +3,10 @@
 Games come from a folder in the official layout, `<data_dir>/json_2.1.1/<split>/<task>/<trial>/game.tw-pddl`
 next to `traj_data.json` (`data_dir=` or `$ALFWORLD_DATA`), or, when there is none, from games generated
 offline by `envs/alfworld_gen.py` into a cache folder (`cache_dir=`, `$STEPPO_CACHE/alfworld` or
-`~/.cache/steppo/alfworld`, keyed by generator version and scene size). `$ALFWORLD_DATA` is used only
-if it holds `json_2.1.1/<split>` (alfworld itself sets it to an empty ~/.cache/alfworld on import).
-The same loader serves both:
+`~/.cache/steppo/alfworld`, keyed by generator version and scene size). A data folder the user named
+(`data_dir=`, or `$ALFWORLD_DATA` set to anything but alfworld's own default, which its import creates
+empty) must hold the split's games: a typo or a half-copied folder is an error, never a silent switch to
+generated games. The same loader serves both:
 games sorted by relative path, `reset(seed)` plays game `seed % n_games`, and `info["task_id"]` is the
 game's path relative to the data folder. `split="train"` reads `train/`, `split="eval"` reads
 `valid_unseen/` (generated eval scenes never repeat a train scene).
@@ -27,6 +28,7 @@ for the next turn when the whole conversation is kept ("full" context). `info["p
 "window" ALFWorld prompt, a fresh self-contained user message: task, number of steps taken, the last
 `history` (action, observation) pairs, the current observation and the admissible actions.
 """
+import functools
 import glob
 import json
 import os
@@ -45,6 +47,7 @@ SYSTEM_PROMPT = (
     "what happened and the list of admissible actions. Choose exactly one admissible action and write it "
     "inside an action tag, for example <action>go to cabinet 1</action>. You may think briefly before the "
     "tag; only the last <action>...</action> block is executed. You succeed when the task is completed.")
+ALFWORLD_DEFAULT_DATA = os.path.expanduser("~/.cache/alfworld")  # alfworld sets $ALFWORLD_DATA to it on import
 ACTION_RE = re.compile(r"<action>(.*?)</action>", re.IGNORECASE | re.DOTALL)
 
 
@@ -89,10 +92,12 @@ def load_tw_env(path=None, cache_size=64):
     return env
 
 
+@functools.lru_cache(maxsize=16)
 def collect_games(data_dir, split_dir, task_types=None):
     """Game files under `data_dir/json_2.1.1/<split_dir>`, sorted by relative path, filtered like
     `AlfredTWEnv.collect_game_files`: needs traj_data.json, a game file with `solvable: true`, no
-    movable/sliced trials, and (optionally) a task type in `task_types`."""
+    movable/sliced trials, and (optionally) a task type in the tuple `task_types`. Cached per process: the
+    official train split has thousands of games and train.py builds dozens of envs."""
     root = os.path.join(data_dir, "json_2.1.1", split_dir)
     games = []
     for traj_path in sorted(glob.glob(os.path.join(root, "**", "traj_data.json"), recursive=True)):
@@ -105,7 +110,7 @@ def collect_games(data_dir, split_dir, task_types=None):
         if not json.load(open(game_path)).get("solvable", False):
             continue
         games.append(game_path)
-    return sorted(games, key=lambda p: os.path.relpath(p, data_dir))
+    return tuple(sorted(games, key=lambda p: os.path.relpath(p, data_dir)))
 
 
 def generated_games(split, n_games, cfg, cache_dir=None):
@@ -141,16 +146,23 @@ class AlfWorldEnv:
         """split: "train" or "eval". data_dir: folder holding json_2.1.1/ (default $ALFWORLD_DATA, else
         generated games). n_games: pool size (generated default 60; official default all). task_types:
         keep only these task types. n_receptacles / n_distractors / max_plan_len: generated scene size."""
-        assert split in ("train", "eval"), split
+        if split not in ("train", "eval"):
+            raise ValueError("split must be 'train' or 'eval', not %r" % (split,))
         self.split, self.max_steps, self.invalid_penalty, self.history = split, max_steps, invalid_penalty, history
         self.system_prompt = SYSTEM_PROMPT
         split_dir = alfworld_gen.SPLIT_DIRS[split]
-        env_dir = os.environ.get("ALFWORLD_DATA")  # alfworld sets it (to ~/.cache/alfworld) on import
-        if data_dir is None and env_dir and os.path.isdir(os.path.join(env_dir, "json_2.1.1", split_dir)):
-            data_dir = env_dir
-        if data_dir:
+        task_types = tuple(task_types) if task_types is not None else None
+        env_dir = os.environ.get("ALFWORLD_DATA")
+        if data_dir is None and env_dir and (os.path.realpath(env_dir) != os.path.realpath(ALFWORLD_DEFAULT_DATA)
+                                             or os.path.isdir(os.path.join(env_dir, "json_2.1.1"))):
+            data_dir = env_dir  # the user's folder (or official data downloaded to alfworld's default place)
+        if data_dir is not None:
             self.data_dir = data_dir
-            self.games = collect_games(data_dir, split_dir, task_types)[:n_games]
+            self.games = list(collect_games(data_dir, split_dir, task_types)[:n_games])
+            if not self.games:
+                raise ValueError("no ALFWorld games for split=%r in %r: expected json_2.1.1/%s/<task>/<trial>/"
+                                 "game.tw-pddl next to traj_data.json (data_dir= or $ALFWORLD_DATA; leave both "
+                                 "unset to play generated games)" % (split, os.path.abspath(data_dir), split_dir))
         else:
             cfg = alfworld_gen.GenConfig(n_receptacles, n_distractors, max_plan_len)
             self.data_dir, games = generated_games(split, n_games or 60, cfg, cache_dir)

@@ -28,7 +28,7 @@ import alfworld.gen.constants as C
 import alfworld.gen.goal_library as glib
 from alfworld.agents.utils.misc import add_task_to_grammar
 
-GEN_VERSION = 1  # bump when the generated games change; part of the cache key
+GEN_VERSION = 2  # bump when the generated games change; part of the cache key
 TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
               "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
 DATA_DIR = os.path.join(os.path.dirname(alfworld.__file__), "data")
@@ -90,10 +90,11 @@ def sample_scene(rng, task_type, cfg):
         parent = ""
         need = [rng.choice(holders(obj)), rng.choice(LAMP_HOLDERS)]  # where the object is, where the lamp is
     else:
-        parent = rng.choice(holders(obj))
-        tool = prop_recep[1] if prop_recep else None  # never start in the sink/microwave/fridge itself
+        tool = prop_recep[1] if prop_recep else None  # the sink/microwave/fridge: never the start or the goal
+        targets = [r for r in holders(obj) if r != tool]  # as ALFRED's task sampler (task_game_state.py)
+        parent = rng.choice(targets) if targets else None
         sources = [r for r in holders(obj) if r not in (parent, tool)]
-        if not sources:
+        if not parent or not sources:
             return None
         need = [parent, rng.choice(sources)]
         if task_type == "pick_two_obj_and_place":

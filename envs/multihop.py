@@ -124,7 +124,8 @@ class MultiHopEnv:
 
     def __init__(self, split="train", kb_seed=0, max_steps=8, invalid_penalty=0.0, n_people=12, n_companies=6,
                  n_products=8, min_hops=2, max_hops=4):
-        assert split in ("train", "eval"), split
+        if split not in ("train", "eval"):
+            raise ValueError("split must be 'train' or 'eval', not %r" % (split,))
         self.split, self.max_steps, self.invalid_penalty = split, max_steps, invalid_penalty
         self.system_prompt = SYSTEM_PROMPT
         self.kb = build_kb(kb_seed, n_people, n_companies, n_products)
@@ -158,7 +159,7 @@ class MultiHopEnv:
         reward, invalid = 0.0, False
         if call is None:
             obs, invalid, reward = ("Invalid response: write one action as <action>search[name]</action> or "
-                                    "<action>answer[text]</action>."), True, -self.invalid_penalty
+                                    "<action>answer[text]</action>."), True, -float(self.invalid_penalty) if self.invalid_penalty else 0.0
         elif call[0] == "search":
             name = self.index.get(normalize(call[1]))
             obs = card(self.kb, name) if name else "No result for \"%s\"." % call[1][:80]

@@ -6,6 +6,7 @@ the expert check plays the default train pool (60 games, 10 per task type).
 import collections
 import json
 import os
+import random
 import re
 
 import pytest
@@ -114,10 +115,31 @@ def test_alfworld_generator_is_deterministic(tmp_path):
         set(alfworld_gen.TASK_TYPES)
 
 
+def test_alfworld_generator_never_targets_the_tool_receptacle():
+    """As ALFRED's sampler: 'clean X and put it in the sink' is not a task (nor microwave/heat, fridge/cool)."""
+    for task_type, (_, tool) in alfworld_gen.NEEDS.items():
+        scenes = [alfworld_gen.sample_scene(random.Random(seed), task_type, alfworld_gen.GenConfig()) for seed in range(300)]
+        assert all(sc is None or sc["parent"] != tool for sc in scenes)
+        assert sum(sc is not None for sc in scenes) > 200
+
+
+def scene_signatures(env, split):
+    """What each game of a generated pool is, ignoring coordinates: rebuilt from the seed in its trial name."""
+    sigs = set()
+    for g in env.games:
+        trial_dir = os.path.dirname(g)
+        seed = int(re.match(r"trial_G(\d+)_", os.path.basename(trial_dir)).group(1))
+        task_type = os.path.basename(os.path.dirname(trial_dir)).split("-")[0]
+        sigs.add(alfworld_gen.signature(alfworld_gen.make_game(seed, split, alfworld_gen.GenConfig(), task_type)[3]))
+    return sigs
+
+
 def test_alfworld_splits_disjoint(small_pools):
     train, evals, _ = small_pools
-    problems = lambda env: {json.load(open(g))["pddl_problem"].split("(:objects", 1)[1] for g in env.games}
-    assert not problems(train) & problems(evals)
+    train_sigs, eval_sigs = scene_signatures(train, "train"), scene_signatures(evals, "eval")
+    assert len(train_sigs) == len(train) and len(eval_sigs) == len(evals)  # and no task twice within a pool
+    assert not eval_sigs & alfworld_gen.train_signatures(len(train), alfworld_gen.GenConfig())  # nor any the
+    # train generator could draw, so a bigger train pool of the same size stays disjoint too
     tid = lambda env: {env.reset(s)[1]["task_id"] for s in range(len(env))}
     assert not tid(train) & tid(evals)
     assert all(t.startswith("json_2.1.1/valid_unseen/") for t in tid(evals))
@@ -135,8 +157,24 @@ def test_alfworld_official_layout_loader(small_pools):
     config = {"env": {"goal_desc_human_anns_prob": 0, "task_types": [1, 2, 3, 4, 5, 6]},
               "dataset": {"data_path": os.path.join(train.data_dir, "json_2.1.1", "train"), "num_train_games": -1}}
     assert sorted(AlfredTWEnv(config, "train").game_files) == sorted(train.games)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no ALFWorld games"):
         envs.make("alfworld", data_dir=cache + "/nothing-here")
+
+
+def test_alfworld_named_data_folder_never_falls_back_to_generated_games(small_pools, tmp_path, monkeypatch):
+    train = small_pools[0]
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "typo"))  # a data folder the user named must exist
+    with pytest.raises(ValueError, match="no ALFWorld games for split='train'"):
+        envs.make("alfworld", split="train")
+    half = tmp_path / "half"  # train copied, valid_unseen missing: eval must not silently use generated games
+    (half / "json_2.1.1").mkdir(parents=True)
+    os.symlink(os.path.join(train.data_dir, "json_2.1.1", "train"), half / "json_2.1.1" / "train")
+    monkeypatch.setenv("ALFWORLD_DATA", str(half))
+    assert envs.make("alfworld", split="train").games[0].startswith(str(half))
+    with pytest.raises(ValueError, match="split='eval'"):
+        envs.make("alfworld", split="eval")
+    with pytest.raises(ValueError, match="no ALFWorld games"):
+        envs.make("alfworld", data_dir="")
 
 
 def test_alfworld_prompt_window(small_pools):
@@ -216,3 +254,9 @@ def test_plugin_by_module_path(tmp_path, monkeypatch):
         envs.make("no_such_env")
     with pytest.raises(ValueError, match="cannot load"):
         envs.make("my_plugin_env:Missing")
+    for spec in (":CountEnv", "my_plugin_env:", "os.path:join"):  # no module, no class, not a class
+        with pytest.raises(ValueError, match="cannot load"):
+            envs.make(spec)
+    for name in ("alfworld", "multihop"):
+        with pytest.raises(ValueError, match="split must be"):
+            envs.make(name, split="test")
