@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 TINY = "tiny-qwen2-v1"  # bump the version when the recipe below changes
+HAVE_ALFWORLD = importlib.util.find_spec("alfworld") is not None  # its texts go into the tiny BPE's corpus
 SMOLLM2 = "smollm2-135m"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -58,7 +59,8 @@ def _atomic_build(dest: Path, build) -> Path:
 # ---------------------------------------------------------------- tiny: built here, random weights
 def _corpus() -> list[str]:
     """Agent-like text for the tiny BPE: ALFWorld-style rooms and commands, multihop-style search/answer turns,
-    plus the real environments' prompts and first observations when `envs` is importable."""
+    plus the real environments' prompts and first observations (ALFWorld's only where alfworld is installed:
+    the cache folder name says which)."""
     rng = random.Random(0)
     objs = "apple bowl mug knife spoon pan pot plate egg tomato lettuce bread cup book pen pencil cd keychain " \
            "creditcard cellphone laptop pillow towel soapbar candle vase statue watch newspaper remotecontrol".split()
@@ -83,14 +85,11 @@ def _corpus() -> list[str]:
                  f"You arrive at {r}. On the {r}, you see a {o}. Nothing happens. You pick up the {o} from the {r}.",
                  f"Question: {q}\n<search>{' '.join(rng.sample(words, 3))}</search>",
                  f"Doc {rng.randint(1, 5)}: {q} ({rng.randint(1800, 2024)}) <answer>{rng.choice(words)}</answer>"]
-    try:  # the real environments' text, when they exist
-        import envs
-        for name in ("multihop", "alfworld"):
-            env = envs.make(name)
-            text.append(env.system_prompt)
-            text += [env.reset(seed=s)[0] for s in range(5)]
-    except Exception:
-        pass
+    import envs  # an error here is a bug to see, not a reason to train another tokenizer
+    for name in ("multihop", "alfworld") if HAVE_ALFWORLD else ("multihop",):
+        env = envs.make(name)
+        text.append(env.system_prompt)
+        text += [env.reset(seed=s)[0] for s in range(5)]
     return text
 
 
@@ -144,7 +143,7 @@ def _build_smollm2(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-BUILTIN = {"tiny": (TINY, _build_tiny), SMOLLM2: (SMOLLM2, _build_smollm2)}
+BUILTIN = {"tiny": (TINY if HAVE_ALFWORLD else TINY + "-no-alfworld", _build_tiny), SMOLLM2: (SMOLLM2, _build_smollm2)}
 
 
 def resolve(name_or_path: str) -> str:

