@@ -13,7 +13,7 @@ TEXT = ("You are in the middle of a room.\n\n  Looking around: cabinet 1, drawer
         "<|im_start|>user\n<action>go to cabinet 1</action><|im_end|>\n\t  trailing   ")
 
 
-def test_tiny_loads_offline(tiny):
+def test_tiny_is_a_small_qwen2_with_a_chat_template(tiny):
     model, tok = tiny
     n = sum(p.numel() for p in model.parameters())
     assert model.config.model_type == "qwen2" and 0.5e6 < n < 2e6
@@ -21,7 +21,31 @@ def test_tiny_loads_offline(tiny):
     assert model.generation_config.eos_token_id == tok.eos_token_id
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_tiny_builds_once_offline_and_reproducibly(tiny, tmp_path, monkeypatch):
+    """A fresh cache: built with no network, then reused (not rebuilt), and identical to the shared build."""
+    import socket
+
+    import model as model_py
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+    shared = os.path.join(os.path.dirname(resolve("tiny")), "alfworld")  # reuse the generated games
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("STEPPO_CACHE", str(tmp_path))
+    if os.path.isdir(shared):
+        os.symlink(shared, tmp_path / "alfworld")
+    name, build = model_py.BUILTIN["tiny"]
+    builds = []
+    monkeypatch.setitem(model_py.BUILTIN, "tiny", (name, lambda folder: builds.append(folder) or build(folder)))
+    fresh, fresh_tok = load_policy("tiny")
+    again, _ = load_policy("tiny")
+    assert len(builds) == 1 and resolve("tiny").startswith(str(tmp_path))
+    model, tok = tiny
+    assert fresh_tok.get_vocab() == tok.get_vocab()
+    for (k, a), (_, b), (_, c) in zip(fresh.state_dict().items(), model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b) and torch.equal(a, c), k
 
 
 def test_tiny_tokenizer_roundtrip(tiny, tmp_path):
