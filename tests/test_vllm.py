@@ -59,6 +59,7 @@ def test_vllm_sync_follows_trainer_weights(engine, tiny):
 def test_vllm_and_hf_agree_greedy(engine, tiny):
     model, tok = tiny
     prompts = [first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(s)[0]) for s in range(4)]
+    assert engine.eos == HFEngine(model, tok).eos  # the same ids end a turn in both engines
     for (a, la), (b, lb) in zip(engine.generate(prompts, 8, 0.0), HFEngine(model, tok).generate(prompts, 8, 0.0)):
         assert a == b and torch.allclose(torch.tensor(la), torch.tensor(lb), atol=1e-4)
 
