@@ -143,7 +143,8 @@ def _build_smollm2(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-BUILTIN = {"tiny": (TINY if HAVE_ALFWORLD else TINY + "-no-alfworld", _build_tiny), SMOLLM2: (SMOLLM2, _build_smollm2)}
+BUILTIN = {"tiny": (TINY if HAVE_ALFWORLD else TINY + "-no-alfworld", _build_tiny),
+           SMOLLM2: (SMOLLM2, _build_smollm2)}
 
 
 def resolve(name_or_path: str) -> str:

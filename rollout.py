@@ -98,14 +98,6 @@ class HFEngine:
                  seed: int | None = None) -> list[tuple[list[int], list[float]]]:
         """-> per prompt (sampled ids up to and including EOS, their raw fp32 log-probs). temperature 0 = greedy.
         `seed` makes the call reproducible without touching the caller's global RNG state."""
-        if seed is None:
-            return self._generate(prompts, max_new_tokens, temperature, top_p)
-        dev = self.model.device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return self._generate(prompts, max_new_tokens, temperature, top_p)
-
-    def _generate(self, prompts, max_new_tokens, temperature, top_p):
         from transformers import GenerationConfig
         B, P = len(prompts), max(len(p) for p in prompts)
         dev = self.model.device
@@ -120,7 +112,10 @@ class HFEngine:
                                   top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
                                   max_new_tokens=max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
                                   output_logits=True, return_dict_in_generate=True)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         new = out.sequences[:, P:]  # (B, T) sampled ids, pad after EOS
         # out.logits: T tensors (B, V) of raw (unprocessed) logits; gather one step at a time to bound memory
         lps = torch.stack([torch.log_softmax(l.float(), -1).gather(1, new[:, t, None]).squeeze(1)

@@ -158,8 +158,9 @@ class MultiHopEnv:
         call = parse_call(response)
         reward, invalid = 0.0, False
         if call is None:
-            obs, invalid, reward = ("Invalid response: write one action as <action>search[name]</action> or "
-                                    "<action>answer[text]</action>."), True, -float(self.invalid_penalty) if self.invalid_penalty else 0.0
+            obs, invalid = ("Invalid response: write one action as <action>search[name]</action> or "
+                            "<action>answer[text]</action>."), True
+            reward = -float(self.invalid_penalty) if self.invalid_penalty else 0.0  # never -0.0
         elif call[0] == "search":
             name = self.index.get(normalize(call[1]))
             obs = card(self.kb, name) if name else "No result for \"%s\"." % call[1][:80]
