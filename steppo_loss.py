@@ -12,9 +12,14 @@ import torch.nn.functional as F
 LOG_RATIO_LIMIT = 20.0  # |log r| is clamped here so exp never overflows into inf * 0 = NaN
 
 
+def _masked(x, mask):
+    """x where mask is set, 0 elsewhere: NaN or inf in padding never leaks into real entries."""
+    return torch.where(mask > 0, x, torch.zeros_like(x))
+
+
 def _masked_mean(x, mask):
     """sum(mask * x) / sum(mask); entries outside the mask count as 0 even when they are NaN or inf."""
-    return torch.where(mask > 0, x * mask, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+    return _masked(x * mask, mask).sum() / mask.sum().clamp(min=1)
 
 
 def _chunks(B, L, V, chunk_tokens):
@@ -79,8 +84,7 @@ def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, 
     """
     mask = action_mask.to(logprobs.dtype)
     n_tok = mask.sum(-1)  # (B,)
-    diff = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
-    log_r = diff.sum(-1) / n_tok.clamp(min=1)  # one ratio per step: the geometric mean of its token ratios
+    log_r = _masked(logprobs - old_logprobs, mask).sum(-1) / n_tok.clamp(min=1)  # geometric mean: one ratio per step
     return _clipped_surrogate(log_r, advantages, (n_tok > 0).to(logprobs.dtype), clip_low, clip_high)
 
 
@@ -90,8 +94,7 @@ def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low,
     loss = sum(mask * l) / sum(mask) with l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
     """
     mask = action_mask.to(logprobs.dtype)
-    diff = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
-    return _clipped_surrogate(diff, advantages, mask, clip_low, clip_high)
+    return _clipped_surrogate(_masked(logprobs - old_logprobs, mask), advantages, mask, clip_low, clip_high)
 
 
 def value_loss(values, old_values, returns, mask, clip):
@@ -109,6 +112,5 @@ def kl_k3(logprobs, ref_logprobs, mask):
     masked mean of exp(ref - lp) - (ref - lp) - 1. Non-negative for every token. |ref - lp| is clamped at
     LOG_RATIO_LIMIT, as in the policy losses."""
     mask = mask.to(logprobs.dtype)
-    d = torch.where(mask > 0, ref_logprobs - logprobs, torch.zeros_like(logprobs))
-    d = d.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    d = _masked(ref_logprobs - logprobs, mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return _masked_mean(d.exp() - d - 1, mask)
