@@ -2,7 +2,8 @@
 
 StepPO (arXiv 2604.18401, 'step-level credit assignment') runs GAE over turns: one time step = one whole response, the critic is
 read at step boundaries, and advantages are whitened over steps. `token_gae` is token-level PPO's GAE (the
-baseline the paper argues against); `grpo`, `rloo` and `gigpo` are critic-free group baselines.
+baseline the paper argues against); `grpo`, `rloo`, `gigpo`, `reinforce_pp` and `reinforce_pp_baseline` are
+critic-free baselines.
 
 Shapes: (N, T) = trajectories x steps, left-aligned, `step_mask` 1 on real steps; (N, L) = trajectories x
 tokens. Every function is vectorised over trajectories; the only Python loops run over time.
@@ -66,24 +67,33 @@ def whiten(x, mask, eps=1e-8, all_sum=None):
     return (x - mean) / (var.sqrt() + eps) * mask
 
 
-def token_gae(token_rewards, token_values, token_mask, gamma, lam, bootstrap=None):
-    """Token-level GAE of standard PPO for LLMs (the token-level MDP that StepPO argues against). All inputs/outputs (N, L).
+def token_gae(token_rewards, token_values, token_mask, gamma, lam, bootstrap=None, per_token=False):
+    """Token-level GAE of PPO for LLMs (the token-level MDP that StepPO argues against). All inputs/outputs (N, L).
 
     Only positions with mask 1 (action tokens) are time steps; the recursion skips mask-0 positions
     (environment tokens, padding) without advancing. After the last action token the next value is
     bootstrap[i] (0 when None). Outputs are 0 outside the mask.
+    Discounting is per step by default: a step is a maximal run of consecutive mask-1 positions (one response;
+    the environment's tokens separate responses), gamma and lam apply once where the recursion crosses from one
+    step to the next (or to the bootstrap), and inside a step both are 1, so the token baseline sees the same
+    horizon as `step_gae`. per_token=True applies gamma and lam at every action token (the classic variant).
     """
     token_rewards = _as_float(token_rewards)
     N, L = token_rewards.shape
     mask = token_mask.to(token_rewards.dtype)
     token_values = _masked(token_values.to(token_rewards.dtype), mask)
+    # a token ends its step when the next position is not an action token (or the row ends)
+    step_end = torch.cat([mask[:, 1:] == 0, torch.ones_like(mask[:, :1], dtype=torch.bool)], 1)
     adv = torch.zeros_like(token_rewards)
     next_adv = token_rewards.new_zeros(N)
     next_value = token_rewards.new_zeros(N) if bootstrap is None else bootstrap.to(token_rewards).clone()
     for t in reversed(range(L)):
         m = mask[:, t] > 0
-        delta = token_rewards[:, t] + gamma * next_value - token_values[:, t]
-        a = delta + gamma * lam * next_adv
+        crossing = torch.ones_like(m) if per_token else step_end[:, t]
+        g = torch.where(crossing, torch.full_like(next_value, gamma), torch.ones_like(next_value))
+        gl = torch.where(crossing, torch.full_like(next_value, gamma * lam), torch.ones_like(next_value))
+        delta = token_rewards[:, t] + g * next_value - token_values[:, t]
+        a = delta + gl * next_adv
         adv[:, t] = torch.where(m, a, torch.zeros_like(a))
         next_adv = torch.where(m, a, next_adv)  # mask-0 positions carry the recursion through unchanged
         next_value = torch.where(m, token_values[:, t], next_value)
@@ -126,6 +136,33 @@ def rloo(scores, group_ids):
     count, mean, _ = _group_stats(scores, group_ids)
     others = (mean * count - scores) / (count - 1).clamp(min=1)
     return torch.where(count > 1, scores - others, torch.zeros_like(scores))
+
+
+def reinforce_pp(rewards, step_mask, gamma, all_sum=None):
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262, Sec. 3): no critic, no group; the discounted reward-to-go
+    G_t = sum_{k >= t} gamma^(k - t) r_k of every step, normalised over the whole batch (global batch
+    normalisation, here over steps: `whiten`). All (N, T); 0 outside step_mask. all_sum: see `whiten`."""
+    rewards = _as_float(rewards)
+    mask = step_mask.to(rewards.dtype)
+    r = _masked(rewards, mask)
+    G = torch.zeros_like(r)
+    running = r.new_zeros(r.shape[0])
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running
+        G[:, t] = running
+    return whiten(G, mask, all_sum=all_sum)
+
+
+def reinforce_pp_baseline(rewards, step_mask, group_ids, all_sum=None):
+    """REINFORCE++-baseline (Hu 2025, arXiv 2501.03262): each trajectory's total reward minus the mean total
+    reward of its group (the trajectories of the same task, itself included; a group of one gets 0), broadcast
+    to its steps, then normalised over the whole batch of steps (`whiten`). rewards, step_mask (N, T);
+    group_ids (N,). Returns (N, T), 0 outside step_mask."""
+    rewards = _as_float(rewards)
+    mask = step_mask.to(rewards.dtype)
+    score = _masked(rewards, mask).sum(1)  # (N,)
+    _, mean, _ = _group_stats(score, group_ids)
+    return whiten((score - mean)[:, None] * mask, mask, all_sum=all_sum)
 
 
 def gigpo(rewards, step_mask, group_ids, state_ids, gamma, step_weight=1.0, eps=1e-6):

@@ -18,8 +18,10 @@ Conventions (what the trainer can rely on):
 - EOS: generation stops at the end-of-turn token and that sampled token stays in action_ids with its log-prob,
   so what is trained on is exactly what was sampled. action_text is decoded without special tokens.
 - Step.info = the env's info + "cut" (the response hit max_new_tokens without an EOS; kept as it is) +
-  "truncated" (True on the last step when the next prompt would not fit the model's context: the trajectory
-  ends there with terminated=False). Trajectories cut at max_steps also get terminated=False.
+  "truncated" (True on the last step when the env's own step limit ended the episode (its info["truncated"]),
+  or when the next prompt would not fit the model's context). Such trajectories, and those cut at max_steps,
+  get terminated=False and keep the state that would have come next in `Trajectory.next_prompt_ids` (what a
+  critic bootstraps from); an episode the env ended for real gets terminated=True and next_prompt_ids=None.
 """
 from dataclasses import dataclass, field
 import os
@@ -242,23 +244,27 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 obs, reward, done, info = e.env.step(text)
                 cut = len(ids) >= max_new_tokens and ids[-1] not in eos
+                time_limit = bool(info.get("truncated", False))  # the env's own step limit: an end, not a terminal
                 e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, logprobs=lps, reward=float(reward),
-                                    observation=obs, action_text=text, info={**info, "cut": cut, "truncated": False}))
+                                    observation=obs, action_text=text, info={**info, "cut": cut, "truncated": time_limit}))
                 e.actions.append(text)
-                e.done, e.won, e.expert = bool(done), bool(info.get("won", False)), info.get("expert")
-                if done or turn == max_steps - 1:
+                e.done, e.won, e.expert = bool(done) and not time_limit, bool(info.get("won", False)), info.get("expert")
+                if e.done:  # terminal: no next state
                     e.live = False
                     continue
-                if context == "full":
+                if context == "full":  # the next state s_{t+1} (also what a cut episode bootstraps from)
                     e.prompt = e.prompt + ids + turn_ids(tokenizer, obs, ids)
                 else:
                     user = info.get("prompt") or window_message(e.task, obs, e.actions, window)
                     e.prompt = first_prompt(tokenizer, e.env.system_prompt, user)
-                if len(e.prompt) + max_new_tokens > max_len:  # the next turn would not fit: end cleanly
+                if done or turn == max_steps - 1:
+                    e.live = False
+                elif len(e.prompt) + max_new_tokens > max_len:  # the next turn would not fit: end cleanly
                     e.steps[-1].info["truncated"] = True
                     e.live = False
             bar.update(sum(not e.live for e in live))
             bar.set_postfix(turn=turn + 1, live=sum(e.live for e in episodes))
-        trajectories += [Trajectory(e.steps, e.task_id, terminated=e.done, success=e.won) for e in episodes]
+        trajectories += [Trajectory(e.steps, e.task_id, terminated=e.done, success=e.won,
+                                    next_prompt_ids=None if e.done else e.prompt) for e in episodes]
     bar.close()
     return trajectories

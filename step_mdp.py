@@ -29,8 +29,9 @@ class Trajectory:
     """One episode: its steps in order, the task it played (the group key) and how it ended."""
     steps: list[Step]
     task_id: str  # group key: trajectories of the same task instance share it
-    terminated: bool  # True: the environment ended it; False: cut at the step limit (bootstrap)
+    terminated: bool  # True: the environment ended it; False: cut (step limit, context limit)
     success: bool = False
+    next_prompt_ids: list[int] | None = None  # s_T, the state after the last step of a cut episode (bootstrap)
 
     @property
     def total_reward(self) -> float:

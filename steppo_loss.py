@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 LOG_RATIO_LIMIT = 20.0  # |log r| is clamped here so exp never overflows into inf * 0 = NaN
+KL_LIMIT = 10.0  # each k3 KL term is clamped to [-10, 10] (verl low_var_kl, used by the StepPO authors)
 
 
 def _masked(x, mask):
@@ -59,42 +60,70 @@ def token_entropy(logits, chunk_tokens=None):
     return out
 
 
-def _clipped_surrogate(log_r, A, weight, clip_low, clip_high):
+def _clipped_surrogate(log_r, A, weight, clip_low, clip_high, clip_c=None, is_weight=None):
     """PPO's pessimistic clipped surrogate for log-ratios `log_r` and advantages `A` (same shape), averaged with
     `weight`; also clipfrac and the k3 estimate of KL(old || new) (http://joschu.net/blog/kl-approx.html).
+    clip_c: dual clip (Ye et al. 2020, arXiv 1912.09729): where A < 0 a term is at most clip_c * |A|.
+    is_weight: a per-term factor (truncated importance weights between trainer and engine), no gradient.
     |log r| is clamped at LOG_RATIO_LIMIT (r <= 4.9e8) so the loss stays finite; beyond it a term has no gradient."""
     log_r = log_r.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_r.exp()
     A = A.to(log_r.dtype)
-    loss = _masked_mean(torch.max(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high)), weight)
+    terms = torch.max(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if clip_c is not None:
+        terms = torch.where(A < 0, torch.min(terms, -A * clip_c), terms)
+    if is_weight is not None:
+        terms = terms * is_weight.to(terms.dtype)
+    loss = _masked_mean(terms, weight)
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(log_r.dtype)
         stats = {"clipfrac": _masked_mean(clipped, weight).item(),
                  "approx_kl": _masked_mean((ratio - 1) - log_r, weight).item(),
                  "ratio_mean": _masked_mean(ratio, weight).item()}
+        if clip_c is not None:
+            stats["dual_clipfrac"] = _masked_mean(((A < 0) & (ratio > clip_c)).to(log_r.dtype), weight).item()
     return loss, stats
 
 
-def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high):
+def step_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high, is_weight=None):
     """Step-aligned clipped objective (StepPO). logprobs, old_logprobs, action_mask (B, L); advantages (B,).
 
     Per row (one step): log r = sum(mask (lp - old)) / sum(mask), the geometric mean of the step's token
     ratios; l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A). loss = mean of l over rows with at least
-    one action token. The gradient reaches every token of the step through log r.
+    one action token. The gradient reaches every token of the step through log r. is_weight (B,): optional
+    per-step factor (truncated importance weight between trainer and engine).
     """
     mask = action_mask.to(logprobs.dtype)
     n_tok = mask.sum(-1)  # (B,)
     log_r = _masked(logprobs - old_logprobs, mask).sum(-1) / n_tok.clamp(min=1)  # geometric mean: one ratio per step
-    return _clipped_surrogate(log_r, advantages, (n_tok > 0).to(logprobs.dtype), clip_low, clip_high)
+    return _clipped_surrogate(log_r, advantages, (n_tok > 0).to(logprobs.dtype), clip_low, clip_high,
+                              is_weight=is_weight)
 
 
-def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high):
+def token_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high, clip_c=None,
+                      is_weight=None, seq_mean=False):
     """Token-level PPO clip (Schulman et al. 2017, Eq. 7), every (B, L): one ratio and one clip per token.
 
-    loss = sum(mask * l) / sum(mask) with l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
+    loss = sum(mask * l) / sum(mask) with l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), and with
+    clip_c (dual clip) l = min(l, clip_c * |A|) where A < 0. is_weight (B, L): optional per-token factor.
+    seq_mean=True: the mean of l over each row's tokens, then over rows with tokens (verl's
+    "seq-mean-token-mean", what the StepPO authors run), so every step weighs the same whatever its length.
     """
     mask = action_mask.to(logprobs.dtype)
-    return _clipped_surrogate(_masked(logprobs - old_logprobs, mask), advantages, mask, clip_low, clip_high)
+    weight = mask / mask.sum(-1, keepdim=True).clamp(min=1) if seq_mean else mask
+    return _clipped_surrogate(_masked(logprobs - old_logprobs, mask), advantages, weight, clip_low, clip_high,
+                              clip_c=clip_c, is_weight=is_weight)
+
+
+def truncated_is_weights(old_logprobs, engine_logprobs, action_mask, cap, per_step):
+    """Truncated importance sampling between the trainer and the rollout engine (TIS; as in verl's rollout
+    correction): w = min(pi_trainer / pi_engine, cap) of the sampled tokens, (B, L), or per step (B,) from the
+    geometric mean of the step's token ratios (per_step=True, matching the step ratio). No gradient."""
+    mask = action_mask.to(old_logprobs.dtype)
+    d = _masked(old_logprobs - engine_logprobs, mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if per_step:
+        d = d.sum(-1) / mask.sum(-1).clamp(min=1)
+    return d.exp().clamp(max=cap).detach()
 
 
 def value_loss(values, old_values, returns, mask, clip):
@@ -109,8 +138,8 @@ def value_loss(values, old_values, returns, mask, clip):
 
 def kl_k3(logprobs, ref_logprobs, mask):
     """KL(pi || ref) by the k3 estimator (Schulman 2020; as in GRPO, Shao et al. 2024, Eq. 4):
-    masked mean of exp(ref - lp) - (ref - lp) - 1. Non-negative for every token. |ref - lp| is clamped at
-    LOG_RATIO_LIMIT, as in the policy losses."""
+    masked mean of exp(ref - lp) - (ref - lp) - 1, each term clamped to [0, KL_LIMIT] as verl's "low_var_kl"
+    (the StepPO authors' KL loss). Non-negative for every token."""
     mask = mask.to(logprobs.dtype)
     d = _masked(ref_logprobs - logprobs, mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    return _masked_mean(d.exp() - d - 1, mask)
+    return _masked_mean((d.exp() - d - 1).clamp(-KL_LIMIT, KL_LIMIT), mask)

@@ -12,10 +12,12 @@ each process collects its own `envs_per_iter` trajectories, gradients are averag
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,11 +29,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import envs
-from credit import gigpo, grpo, rloo, step_gae, token_gae, whiten
+from credit import gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae, whiten
 from step_mdp import collate
-from steppo_loss import kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, value_loss
+from steppo_loss import (kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, truncated_is_weights,
+                         value_loss)
 
-ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "gigpo")
+ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "gigpo", "reinforce_pp", "reinforce_pp_baseline")
+GROUPED = ("grpo", "rloo", "gigpo", "reinforce_pp_baseline")  # compare trajectories of one task
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Config:
     model: str = "tiny"  # hub id, local path, tiny (built offline) or smollm2-135m
     engine: str = "hf"  # rollout engine: hf (transformers generate) | vllm
     vllm_memory: float = 0.3  # GPU memory fraction each colocated vLLM engine may take (the trainer shares the GPU)
-    estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo
+    estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo | reinforce_pp[_baseline]
     loss: str = "step"  # step: one clipped ratio per step (StepPO) | token: one per token (PPO/GRPO)
     context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
     iters: int = 30  # RL iterations (0: warm start and evaluate only, e.g. to share one warm start between runs)
@@ -50,20 +54,26 @@ class Config:
     max_steps: int = 0  # turns per episode; 0 = the environment's max_steps
     max_new_tokens: int = 32  # tokens per response
     temperature: float = 1.0  # sampling temperature for training rollouts (evaluation is greedy)
-    gamma: float = 0.95  # discount per step (per token for token_gae)
-    lam: float = 0.95  # GAE lambda
+    gamma: float = 1.0  # discount per step, for every estimator (token_gae too); the authors' 1.0
+    lam: float = 1.0  # GAE lambda, per step; the authors' 1.0
+    bootstrap: bool = False  # cut episodes: V(next state) at its step boundary (off: V = 0, as the authors)
     lr: float = 3e-5  # policy learning rate (3e-4 collapsed the tiny model in our runs)
     critic_lr: float = 1e-3  # critic learning rate
-    clip_low: float = 0.2  # ratio clip: 1 - clip_low
-    clip_high: float = 0.28  # ratio clip: 1 + clip_high (clip-higher, DAPO)
+    step_clip_low: float = 3e-4  # --loss step: step ratio clipped at 1 - this (the authors' / GSPO's 3e-4)
+    step_clip_high: float = 4e-4  # --loss step: ... and at 1 + this (the authors' / GSPO's 4e-4)
+    clip_low: float = 0.2  # --loss token: token ratio clipped at 1 - this (PPO)
+    clip_high: float = 0.28  # --loss token: ... and at 1 + this (clip-higher, DAPO)
+    dual_clip: float = 10.0  # --loss token: dual clip c, a negative-advantage token costs <= c |A| (0: off)
+    seq_mean: bool = True  # --loss token: mean over each step's tokens, then over steps (the authors'); off: token-mean
+    tis_cap: float = 0.0  # > 0: weight the loss by min(pi_trainer / pi_engine, cap) (truncated IS; e.g. 2)
     vf_clip: float = 0.5  # value-loss clip around the rollout-time values
-    kl_coef: float = 0.0  # k3 KL penalty towards the warm-started policy
-    epochs: int = 2  # passes over each iteration's data
+    kl_coef: float = 0.001  # k3 KL loss towards the warm-started policy (terms clamped at 10); 0: off
+    epochs: int = 1  # passes over each iteration's data
     minibatch_size: int = 8  # trajectories per minibatch
     sft_steps: int = 150  # supervised warm-start steps on expert demonstrations (info["expert"])
     sft_lr: float = 1e-3  # warm-start learning rate
     sft_episodes: int = 64  # expert episodes collected for the warm start
-    whiten: bool = True  # whiten GAE advantages (over steps for step_gae, over tokens for token_gae)
+    whiten: bool = True  # whiten GAE advantages (over steps: step_gae, over tokens: token_gae; REINFORCE++ always)
     pack: bool = True  # one row per trajectory when the prefix property holds (context=full)
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 5  # evaluate every this many iterations (and at the start and the end)
@@ -73,14 +83,20 @@ class Config:
     resume: bool = False  # continue from <out>/ckpt.pt
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def parse_config(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line is generated from Config: one flag per field, its comment as the help, its default shown."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, doc = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         else:
-            p.add_argument(flag, type=f.type, default=f.default)
+            p.add_argument(flag, type=f.type, default=f.default, help=doc)
     cfg = Config(**vars(p.parse_args(argv)))
     error = check_config(cfg)
     if error:
@@ -102,13 +118,19 @@ def check_config(cfg: Config):
         return "--estimator token_gae gives one advantage per token: use it with --loss token"
     if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
         return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
-    if cfg.estimator in ("grpo", "rloo", "gigpo") and cfg.group_size < 2:
+    if cfg.estimator in GROUPED and cfg.group_size < 2:
         return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
     for name in ("epochs", "minibatch_size", "max_new_tokens", "eval_every", "eval_episodes"):
         if getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     if cfg.iters < 0 or cfg.sft_steps < 0 or cfg.max_steps < 0 or cfg.temperature < 0:
         return "--iters, --sft-steps, --max-steps and --temperature must be >= 0"
+    if min(cfg.step_clip_low, cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.tis_cap) < 0:
+        return "clip ranges, --kl-coef and --tis-cap must be >= 0"
+    if cfg.dual_clip and cfg.dual_clip <= 1:
+        return f"--dual-clip must be > 1 (or 0 to turn it off), not {cfg.dual_clip}"
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
+        return "--gamma and --lam must be in [0, 1]"
     if not 0 < cfg.vllm_memory < 1:
         return f"--vllm-memory is a fraction of the GPU's memory, in (0, 1), not {cfg.vllm_memory}"
     if cfg.engine == "vllm":
@@ -156,10 +178,12 @@ def seed_everything(seed: int):
 
 
 # ------------------------------------------------------------------------------------------ forward passes
-def step_logprobs(policy, b):
+def step_logprobs(policy, b, entropy=True):
     """Forward the rows of batch b; returns the (S, A) grid of action-token log-probs and the entropy there."""
     logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, L, V)
     lp = b.gather_steps(token_logprobs(logits, b.input_ids))  # (S, A)
+    if not entropy:
+        return lp, None
     with torch.no_grad():  # entropy of the distribution each action token was drawn from (position j - 1)
         ent = torch.nn.functional.pad(token_entropy(logits[:, :-1]), (1, 0))
         ent = (b.gather_steps(ent) * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)
@@ -175,6 +199,46 @@ def critic_outputs(critic, b):
     return values, v_step, v_tok
 
 
+@torch.no_grad()
+def boundary_values(critic, prompts, pad_id, device, batch_size):
+    """V(s) for token contexts s, read at the last token of s: where the step critic is trained (the step
+    boundary before a first action token). Used for the next state of a cut episode (--bootstrap). (n,)"""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), pad_id, dtype=torch.long)  # (n, L), right-padded
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(chunk):
+            ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
+        values = critic(ids.to(device), mask.to(device))  # (n, L)
+        out.append(values[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
+    """Before the update: pi_old, the trainer's own log-probs of every action token (N, T, A), recomputed as PPO
+    implementations (and the StepPO authors') do, so the ratio starts at 1 whatever the engine computed; the
+    reference model's log-probs for the KL loss (None without one); and engine_kl, the mean over action tokens of
+    the k3 estimate of KL(engine || trainer) on the sampled tokens: 0 when the engine's log-probs are the trainer's."""
+    N, T = len(trajs), max(len(t.steps) for t in trajs)
+    A = max(len(s.action_ids) for t in trajs for s in t.steps)
+    out = {"old_lp": torch.zeros(N, T, A), "ref_lp": torch.zeros(N, T, A) if ref is not None else None}
+    kl_sum, n_tok = 0.0, 0.0
+    for idx in torch.arange(N).split(cfg.minibatch_size):
+        b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
+        gi, si, mask = idx[b.traj_index.cpu()], b.step_index.cpu(), b.action_step_mask
+        lp, _ = step_logprobs(policy, b, entropy=False)  # (S, A')
+        out["old_lp"][gi, si, : lp.shape[1]] = lp.float().cpu()
+        n = mask.sum().item()
+        kl_sum, n_tok = kl_sum + kl_k3(b.gather_steps(b.old_logprobs), lp, mask).item() * n, n_tok + n
+        if ref is not None:
+            out["ref_lp"][gi, si, : lp.shape[1]] = step_logprobs(ref, b, entropy=False)[0].float().cpu()
+    kl_sum, n_tok = all_sum([kl_sum, n_tok], device)
+    out["engine_kl"] = kl_sum / max(n_tok, 1)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ credit
 def group_index(keys: list) -> torch.Tensor:
     ids = {}
@@ -185,9 +249,9 @@ def group_index(keys: list) -> torch.Tensor:
 def compute_advantages(cfg, trajs, critic, pad_id, device):
     """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values.
 
-    step_gae: Sec. 'step-level credit assignment' of StepPO; V(s_t) is read at the step boundary, truncated
-    episodes bootstrap from the critic at the end of their last action; advantages are whitened over steps
-    (over all processes' steps under DDP).
+    step_gae: Sec. 'step-level credit assignment' of StepPO; V(s_t) is read at the step boundary; a cut episode
+    is terminal (V = 0) unless --bootstrap, which reads V at its next state's step boundary; advantages are
+    whitened over steps (over all processes' steps under DDP).
     """
     full = collate(trajs, pad_id)  # (N, T) grids and the step -> token layout of the whole batch
     N, T = full.step_mask.shape
@@ -205,37 +269,44 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
     if critic is not None:
         for idx in torch.arange(N).split(cfg.minibatch_size):
             b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
-            values, v_step, v_tok = critic_outputs(critic, b)
+            _, v_step, v_tok = critic_outputs(critic, b)
             gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()
             out["v_step"][gi, si] = v_step.float().cpu()
             out["v_tok"][gi, si, : v_tok.shape[1]] = v_tok.float().cpu()
-            n_act = b.action_step_mask.sum(1).long()
-            last = b.step_index == b.step_mask.sum(1).long()[b.traj_index] - 1  # each trajectory's last step
-            end = values[b.step_row, b.value_positions + n_act][last]  # the critic just after the last action
-            boot[gi[last.cpu()]] = end.float().cpu()
-        boot = boot * (~full.terminated).float()  # terminated episodes have nothing to bootstrap
+        if cfg.bootstrap:  # V(s_T) where the critic is trained: the next state's step boundary
+            limit = critic.backbone.config.max_position_embeddings
+            cut = [i for i, t in enumerate(trajs) if not t.terminated and t.next_prompt_ids
+                   and len(t.next_prompt_ids) <= limit]  # a state beyond the context stays terminal
+            if cut:
+                boot[cut] = boundary_values(critic, [trajs[i].next_prompt_ids for i in cut], pad_id, device,
+                                            cfg.minibatch_size)
     if cfg.estimator == "step_gae":
         adv, out["ret_step"] = step_gae(R, out["v_step"], M, cfg.gamma, cfg.lam, bootstrap=boot)
         adv = whiten(adv, M, all_sum=procs_sum) if cfg.whiten else adv  # one entry per step, never per token
-    elif cfg.estimator == "token_gae":
+    elif cfg.estimator == "token_gae":  # a zero column after each step keeps steps apart: gamma once per step
         last = (full.action_step_mask.sum(1).long() - 1).clamp(min=0)
-        tok_r = torch.zeros(N, T, A)
+        tok_r = torch.zeros(N, T, A + 1)
         tok_r[full.traj_index, full.step_index, last] = R[full.traj_index, full.step_index]  # reward at a step's last token
-        a, r = token_gae(tok_r.view(N, -1), out["v_tok"].view(N, -1), tok_mask.view(N, -1), cfg.gamma, cfg.lam, boot)
-        out["adv_tok"] = (whiten(a, tok_mask.view(N, -1), all_sum=procs_sum) if cfg.whiten else a).view(N, T, A)
-        out["ret_tok"] = r.view(N, T, A)
+        pad = lambda x: torch.nn.functional.pad(x, (0, 1)).view(N, -1)  # noqa: E731  (N, T, A) -> (N, T (A + 1))
+        a, r = token_gae(tok_r.view(N, -1), pad(out["v_tok"]), pad(tok_mask), cfg.gamma, cfg.lam, boot)
+        a, out["ret_tok"] = a.view(N, T, A + 1)[..., :A], r.view(N, T, A + 1)[..., :A]
+        out["adv_tok"] = whiten(a, tok_mask, all_sum=procs_sum) if cfg.whiten else a
         adv = out["adv_tok"][:, :, 0]  # only for logging
-    elif cfg.estimator in ("grpo", "rloo"):
+    elif cfg.estimator == "reinforce_pp":
+        adv = reinforce_pp(R, M, cfg.gamma, all_sum=procs_sum)
+    else:
         groups = group_index([t.task_id for t in trajs])
         score = R.sum(1)  # the trajectory's total reward, broadcast to its steps
-        adv = (grpo(score, groups) if cfg.estimator == "grpo" else rloo(score, groups))[:, None] * M
-    else:  # gigpo: anchor states = identical environment observations within a task group
-        groups = group_index([t.task_id for t in trajs])
-        states = torch.zeros(N, T, dtype=torch.long)
-        obs = group_index([(traj.task_id, traj.steps[t - 1].observation if t else "")
-                           for traj in trajs for t in range(len(traj.steps))])
-        states[full.traj_index, full.step_index] = obs
-        adv = gigpo(R, M, groups, states, cfg.gamma)
+        if cfg.estimator == "reinforce_pp_baseline":
+            adv = reinforce_pp_baseline(R, M, groups, all_sum=procs_sum)
+        elif cfg.estimator in ("grpo", "rloo"):
+            adv = (grpo(score, groups) if cfg.estimator == "grpo" else rloo(score, groups))[:, None] * M
+        else:  # gigpo: anchor states = identical environment observations within a task group
+            states = torch.zeros(N, T, dtype=torch.long)
+            obs = group_index([(traj.task_id, traj.steps[t - 1].observation if t else "")
+                               for traj in trajs for t in range(len(traj.steps))])
+            states[full.traj_index, full.step_index] = obs
+            adv = gigpo(R, M, groups, states, cfg.gamma)
     if out["adv_tok"] is None:
         out["adv_tok"] = adv[:, :, None] * tok_mask  # the step's advantage broadcast to its tokens
     out["adv_step"] = adv
@@ -268,9 +339,11 @@ def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
     return loss.item()
 
 
-def update(cfg, policy, critic, ref, opt_p, opt_c, trajs, adv, pad_id, device, g) -> dict:
-    """`epochs` passes of minibatch updates over this iteration's trajectories; returns averaged diagnostics."""
-    stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "kl_ref": []}
+def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g) -> dict:
+    """`epochs` passes of minibatch updates over this iteration's trajectories; returns averaged diagnostics.
+    adv: from compute_advantages; lps: from behaviour_logprobs (pi_old, the reference's log-probs)."""
+    keys = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref", "dual_clipfrac")
+    stats = {k: [] for k in keys}
     skipped, tokens = 0, 0
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(trajs), generator=g).split(cfg.minibatch_size):
@@ -279,21 +352,26 @@ def update(cfg, policy, critic, ref, opt_p, opt_c, trajs, adv, pad_id, device, g
             mask, A = b.action_step_mask, b.action_step_mask.shape[1]  # (S, A)
             tokens += int(b.attention_mask.sum())
             lp, ent = step_logprobs(policy, b)  # (S, A)
-            old = b.gather_steps(b.old_logprobs)  # the engine's log-probs of the sampled tokens
-            if cfg.loss == "step":  # StepPO: one ratio per step, clipped per step
-                pl, st = step_policy_loss(lp, old, adv["adv_step"][gi, si].to(device), mask, cfg.clip_low, cfg.clip_high)
+            old = lps["old_lp"][gi, si, :A].to(device)  # the trainer's log-probs before this update (pi_old)
+            per_step = cfg.loss == "step"
+            w = None  # --tis-cap: truncated importance weights pi_trainer / pi_engine
+            if cfg.tis_cap:
+                w = truncated_is_weights(old, b.gather_steps(b.old_logprobs), mask, cfg.tis_cap, per_step)
+            if per_step:  # StepPO: one ratio per step, clipped per step
+                pl, st = step_policy_loss(lp, old, adv["adv_step"][gi, si].to(device), mask,
+                                          cfg.step_clip_low, cfg.step_clip_high, is_weight=w)
             else:  # PPO/GRPO: one ratio per token
-                pl, st = token_policy_loss(lp, old, adv["adv_tok"][gi, si, :A].to(device), mask, cfg.clip_low, cfg.clip_high)
+                pl, st = token_policy_loss(lp, old, adv["adv_tok"][gi, si, :A].to(device), mask, cfg.clip_low,
+                                           cfg.clip_high, cfg.dual_clip or None, is_weight=w, seq_mean=cfg.seq_mean)
             loss = pl
-            if ref is not None:
-                with torch.no_grad():
-                    ref_lp, _ = step_logprobs(ref, b)
-                kl = kl_k3(lp, ref_lp, mask)
+            if lps["ref_lp"] is not None:
+                kl = kl_k3(lp, lps["ref_lp"][gi, si, :A].to(device), mask)
                 loss = loss + cfg.kl_coef * kl
                 stats["kl_ref"].append(kl.item())
             skipped += not apply_update(opt_p, policy, loss, cfg.max_grad_norm)
-            for k in ("clipfrac", "approx_kl"):
-                stats[k].append(st[k])
+            for k in ("clipfrac", "approx_kl", "dual_clipfrac"):
+                if k in st:
+                    stats[k].append(st[k])
             stats["policy_loss"].append(pl.item())
             stats["entropy"].append(ent)
             if critic is not None:
@@ -462,10 +540,14 @@ def main(cfg: Config):
         trajs = rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31))
         t_roll = time.time() - t_roll
         # 2. credit assignment; 3. clipped updates; 4. push the new weights into the engine
+        t_credit = time.time()
         adv = compute_advantages(cfg, trajs, critic, pad_id, device)
+        t_lp = time.time()
+        lps = behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device)  # pi_old and the reference, no grad
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * 7_919 + rank)
         t_upd = time.time()
-        st = update(cfg, policy_ddp, critic_ddp, ref, opt_p, opt_c, trajs, adv, pad_id, device, g)
+        t_credit, t_lp = t_lp - t_credit, t_upd - t_lp
+        st = update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, trajs, adv, lps, pad_id, device, g)
         t_upd = time.time() - t_upd
         engine.sync(policy)
 
@@ -476,8 +558,11 @@ def main(cfg: Config):
              sum(bool(s.info.get("invalid")) for t in trajs for s in t.steps), len(trajs), n_steps], device)
         row.update(success_rate=won / n, mean_return=ret / n, mean_steps=steps / n, invalid_rate=invalid / nsteps,
                    **{k: st[k] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")},
-                   skipped_updates=st["skipped_updates"], tokens_per_s=gen_tokens / max(t_roll, 1e-9),
-                   train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9), wall_s=time.time() - t0)
+                   engine_kl=lps["engine_kl"], skipped_updates=st["skipped_updates"],
+                   tokens_per_s=gen_tokens / max(t_roll, 1e-9), train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9),
+                   rollout_s=t_roll, credit_s=t_credit, logprob_s=t_lp, update_s=t_upd, wall_s=time.time() - t0)
+        if cfg.loss == "token" and cfg.dual_clip:
+            row["dual_clipfrac"] = st["dual_clipfrac"]
         if ref is not None:
             row["kl_ref"] = st["kl_ref"]
         if st["skipped_updates"] and master:

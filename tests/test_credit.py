@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from credit import gigpo, grpo, rloo, step_gae, token_gae, whiten
+from credit import gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae, whiten
 
 
 def ragged(N=7, T=6, seed=0):
@@ -75,7 +75,7 @@ def test_step_gae_matches_slow_loop(seed):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_token_gae_matches_slow_loop(seed):
+def test_token_gae_per_token_matches_slow_loop(seed):
     g = torch.Generator().manual_seed(seed)
     N, L = 6, 30
     mask = (torch.rand(N, L, generator=g) < 0.6).float()
@@ -83,7 +83,7 @@ def test_token_gae_matches_slow_loop(seed):
     rewards = torch.randn(N, L, generator=g) * mask
     values = torch.randn(N, L, generator=g)
     boot = torch.randn(N, generator=g)
-    adv, ret = token_gae(rewards, values, mask, 0.99, 0.95, bootstrap=boot)
+    adv, ret = token_gae(rewards, values, mask, 0.99, 0.95, bootstrap=boot, per_token=True)
     for i in range(N):
         pos = mask[i].nonzero().flatten().tolist()
         a, r = slow_gae(rewards[i, pos].tolist(), values[i, pos].tolist(), 0.99, 0.95, boot[i].item())
@@ -247,8 +247,13 @@ def test_integer_rewards_are_not_truncated():
     r, mask = torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.long)
     adv, _ = step_gae(r, torch.zeros(1, 2), mask, 0.9, 0.95)
     assert adv.is_floating_point() and torch.allclose(adv, torch.tensor([[0.855, 1.0]]))
-    adv, _ = token_gae(r, torch.zeros(1, 2), mask, 0.9, 0.95)
+    adv, _ = token_gae(r, torch.zeros(1, 2), mask, 0.9, 0.95, per_token=True)
     assert torch.allclose(adv, torch.tensor([[0.855, 1.0]]))
+    adv, _ = token_gae(r, torch.zeros(1, 2), mask, 0.9, 0.95)  # one step of two tokens: no discount inside
+    assert adv.is_floating_point() and torch.allclose(adv, torch.tensor([[1.0, 1.0]]))
+    assert torch.allclose(reinforce_pp(r, mask, 0.5), reinforce_pp(r.float(), mask.float(), 0.5))
+    assert torch.allclose(reinforce_pp_baseline(torch.tensor([[0, 1], [0, 0]]), mask.expand(2, 2), torch.tensor([0, 0])),
+                          torch.tensor([[1.0, 1.0], [-1.0, -1.0]]) / math.sqrt(4 / 3), atol=1e-6)
     out = gigpo(torch.tensor([[0, 1], [1, 1]]), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([[0, 1], [0, 1]]), 1.0)
     assert torch.allclose(out, gigpo(torch.tensor([[0.0, 1], [1, 1]]), torch.ones(2, 2), torch.tensor([0, 0]),
                                      torch.tensor([[0, 1], [0, 1]]), 1.0))
@@ -275,3 +280,112 @@ def test_credit_vectorised_over_a_million_steps():
     r[:, -1] = 1.0
     adv, _ = step_gae(r, torch.zeros(N, T), torch.ones(N, T), 1.0, 1.0)
     assert torch.equal(adv, torch.ones(N, T))
+
+
+def slow_token_gae_per_step(rewards, values, mask, gamma, lam, bootstrap):
+    """Token GAE over one row given as lists, written from the definition: consecutive action positions are
+    one response; the discount between two action tokens is 1 inside a response and gamma (gamma * lam for
+    the advantage) across a gap of environment tokens, and from the last action token to the bootstrap."""
+    pos = [j for j, m in enumerate(mask) if m > 0]
+    adv, ret = [0.0] * len(mask), [0.0] * len(mask)
+    next_a, next_v, next_pos = 0.0, bootstrap, None
+    for p in reversed(pos):
+        same_step = next_pos is not None and next_pos == p + 1
+        g, gl = (1.0, 1.0) if same_step else (gamma, gamma * lam)
+        next_a = rewards[p] + g * next_v - values[p] + gl * next_a
+        adv[p], ret[p] = next_a, next_a + values[p]
+        next_v, next_pos = values[p], p
+    return adv, ret
+
+
+def test_token_gae_per_step_hand_worked():
+    # two responses of 2 tokens, one environment token between; gamma 0.9, lam 0.8; reward 1 at the end
+    #   t=4 (last token):           delta = 1 + 0.9*0 - 0.8 = 0.2        A4 = 0.2
+    #   t=3 (inside the response):  delta = 0 + 0.8 - 0.7 = 0.1          A3 = 0.1 + 0.2 = 0.3
+    #   t=1 (crosses the boundary): delta = 0 + 0.9*0.7 - 0.6 = 0.03     A1 = 0.03 + 0.72*0.3 = 0.246
+    #   t=0 (inside):               delta = 0 + 0.6 - 0.5 = 0.1          A0 = 0.1 + 0.246 = 0.346
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 9.9, 0.7, 0.8]])  # 9.9 sits on the environment token and is ignored
+    mask = torch.tensor([[1.0, 1, 0, 1, 1]])
+    adv, ret = token_gae(rewards, values, mask, 0.9, 0.8)
+    assert torch.allclose(adv, torch.tensor([[0.346, 0.246, 0.0, 0.3, 0.2]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.846, 0.846, 0.0, 1.0, 1.0]]), atol=1e-6)
+    adv, _ = token_gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[1.0, 1, 0]]), 0.5, 1.0, torch.tensor([4.0]))
+    assert torch.allclose(adv, torch.tensor([[2.0, 2.0, 0.0]]))  # one step to the bootstrap: gamma once, not twice
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_gae_per_step_matches_slow_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    N, L = 6, 30
+    mask = (torch.rand(N, L, generator=g) < 0.6).float()
+    mask[0] = 0
+    rewards, values, boot = torch.randn(N, L, generator=g) * mask, torch.randn(N, L, generator=g), torch.randn(N, generator=g)
+    adv, ret = token_gae(rewards, values, mask, 0.97, 0.9, bootstrap=boot)
+    for i in range(N):
+        a, r = slow_token_gae_per_step(rewards[i].tolist(), values[i].tolist(), mask[i].tolist(), 0.97, 0.9, boot[i].item())
+        assert torch.allclose(adv[i], torch.tensor(a), atol=1e-5) and torch.allclose(ret[i], torch.tensor(r), atol=1e-5)
+
+
+def test_token_gae_per_step_with_step_values_equals_step_gae():
+    """If every token of a step carries its step's value, per-step token GAE gives each token its step's advantage."""
+    rewards, values, mask, lengths = ragged(N=5, T=4, seed=7)
+    boot = torch.randn(5, generator=torch.Generator().manual_seed(8))
+    A = 3  # tokens per step, then one environment token
+    tok_r, tok_v, tok_m = torch.zeros(5, 4, A + 1), values[:, :, None].expand(5, 4, A + 1).clone(), torch.zeros(5, 4, A + 1)
+    tok_m[:, :, :A] = mask[:, :, None]
+    tok_r[:, :, A - 1] = rewards
+    adv, _ = token_gae(tok_r.view(5, -1), tok_v.view(5, -1), tok_m.view(5, -1), 0.9, 0.7, bootstrap=boot)
+    step_adv, _ = step_gae(rewards, values, mask, 0.9, 0.7, bootstrap=boot)
+    assert torch.allclose(adv.view(5, 4, A + 1)[:, :, :A], step_adv[:, :, None].expand(5, 4, A), atol=1e-5)
+
+
+def slow_whiten(vals):
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return [(v - mean) / (std + 1e-8) for v in vals]
+
+
+def test_reinforce_pp_hand_worked():
+    # gamma 0.5: G = [[0 + 0.5*1, 1], [1]] = [0.5, 1, 1]; mean 5/6, unbiased std sqrt(1/12) = 0.288675
+    out = reinforce_pp(torch.tensor([[0.0, 1.0], [1.0, 7.0]]), torch.tensor([[1.0, 1], [1, 0]]), 0.5)
+    assert torch.allclose(out, torch.tensor([[-1.154701, 0.577350], [0.577350, 0.0]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reinforce_pp_matches_slow_loop(seed):
+    rewards, _, mask, lengths = ragged(N=8, T=6, seed=seed)
+    out = reinforce_pp(rewards, mask, 0.9)
+    G = []
+    for i, n in enumerate(lengths.tolist()):
+        for t in range(n):
+            G.append(sum(0.9 ** (k - t) * rewards[i, k].item() for k in range(t, n)))
+    want = iter(slow_whiten(G))
+    for i, n in enumerate(lengths.tolist()):
+        for t in range(6):
+            assert abs(out[i, t].item() - (next(want) if t < n else 0.0)) < 1e-5
+
+
+def test_reinforce_pp_baseline_hand_worked():
+    # totals [1, 0, 1]; groups {0, 1} mean 0.5 -> [0.5, -0.5]; {2} alone -> 0. Per step: [.5, .5, -.5, -.5, 0]:
+    # mean 0, unbiased std 0.5 -> [1, 1, -1, -1, 0]
+    out = reinforce_pp_baseline(torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 5.0]]),
+                                torch.tensor([[1.0, 1], [1, 1], [1, 0]]), torch.tensor([4, 4, 9]))
+    assert torch.allclose(out, torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reinforce_pp_baseline_matches_slow_loop(seed):
+    rewards, _, mask, lengths = ragged(N=10, T=5, seed=seed)
+    rnd = random.Random(seed)
+    ids = [rnd.randrange(3) for _ in range(10)]
+    out = reinforce_pp_baseline(rewards, mask, torch.tensor(ids))
+    totals = [sum(rewards[i, :n].tolist()) for i, n in enumerate(lengths.tolist())]
+    per_traj = []
+    for i in range(10):
+        mates = [totals[j] for j in range(10) if ids[j] == ids[i]]
+        per_traj.append(totals[i] - sum(mates) / len(mates))
+    want = iter(slow_whiten([per_traj[i] for i, n in enumerate(lengths.tolist()) for _ in range(n)]))
+    for i, n in enumerate(lengths.tolist()):
+        for t in range(5):
+            assert abs(out[i, t].item() - (next(want) if t < n else 0.0)) < 1e-5

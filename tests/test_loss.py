@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from steppo_loss import kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, value_loss
+from steppo_loss import (kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, truncated_is_weights,
+                         value_loss)
 
 
 def test_token_logprobs_matches_log_softmax():
@@ -49,7 +50,7 @@ def test_step_loss_hand_worked():
     assert abs(stats["approx_kl"] - want_kl) < 1e-6
 
 
-def slow_step_loss(lp, old, adv, mask, cl, ch):
+def slow_step_loss(lp, old, adv, mask, cl, ch, w=None):
     total, n = 0.0, 0
     for b in range(lp.shape[0]):
         toks = [j for j in range(lp.shape[1]) if mask[b, j] > 0]
@@ -58,19 +59,22 @@ def slow_step_loss(lp, old, adv, mask, cl, ch):
         log_r = sum(lp[b, j].item() - old[b, j].item() for j in toks) / len(toks)
         r = math.exp(log_r)
         a = adv[b].item()
-        total += -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+        total += -min(r * a, min(max(r, 1 - cl), 1 + ch) * a) * (1.0 if w is None else w[b].item())
         n += 1
     return total / max(n, 1)
 
 
-def slow_token_loss(lp, old, adv, mask, cl, ch):
+def slow_token_loss(lp, old, adv, mask, cl, ch, c=None, w=None):
     total, n = 0.0, 0
     for b in range(lp.shape[0]):
         for j in range(lp.shape[1]):
             if mask[b, j] > 0:
                 r = math.exp(lp[b, j].item() - old[b, j].item())
                 a = adv[b, j].item()
-                total += -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+                term = -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+                if c is not None and a < 0:
+                    term = min(term, -c * a)  # dual clip: a negative-advantage term never exceeds c |A|
+                total += term * (1.0 if w is None else w[b, j].item())
                 n += 1
     return total / max(n, 1)
 
@@ -170,3 +174,75 @@ def test_kl_k3_slow_loop_and_nonnegative():
     out = kl_k3(lp, ref, m)
     assert abs(out.item() - sum(vals) / len(vals)) < 1e-5 and out.item() >= 0
     assert kl_k3(lp, lp, m).item() == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dual_clip_and_is_weights_match_slow_loops(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, L = 8, 10
+    old = -torch.rand(B, L, generator=g) * 3
+    lp = old + torch.randn(B, L, generator=g) * 2  # ratios up to e^6: many beyond the dual clip c = 3
+    mask = (torch.rand(B, L, generator=g) < 0.6).float()
+    adv_tok, adv_row = torch.randn(B, L, generator=g), torch.randn(B, generator=g)
+    w_tok, w_row = torch.rand(B, L, generator=g) * 2, torch.rand(B, generator=g) * 2
+    loss, st = token_policy_loss(lp, old, adv_tok, mask, 0.2, 0.28, clip_c=3.0)
+    assert abs(loss.item() - slow_token_loss(lp, old, adv_tok, mask, 0.2, 0.28, c=3.0)) < 1e-5 and st["dual_clipfrac"] > 0
+    loss, _ = token_policy_loss(lp, old, adv_tok, mask, 0.2, 0.28, clip_c=3.0, is_weight=w_tok)
+    assert abs(loss.item() - slow_token_loss(lp, old, adv_tok, mask, 0.2, 0.28, c=3.0, w=w_tok)) < 1e-5
+    loss, _ = step_policy_loss(lp, old, adv_row, mask, 3e-4, 4e-4, is_weight=w_row)
+    assert abs(loss.item() - slow_step_loss(lp, old, adv_row, mask, 3e-4, 4e-4, w=w_row)) < 1e-5
+
+
+def test_dual_clip_bounds_a_negative_advantage_token():
+    """A = -2 with ratio e^10: plain PPO pays r |A| = 44053; with dual clip c = 10 the term is 10 |A| = 20 and has
+    no gradient; positive advantages are untouched."""
+    lp = torch.tensor([[10.0, 10.0]], requires_grad=True)
+    adv, mask = torch.tensor([[-2.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+    plain, _ = token_policy_loss(lp, torch.zeros(1, 2), adv, mask, 0.2, 0.28)
+    dual, st = token_policy_loss(lp, torch.zeros(1, 2), adv, mask, 0.2, 0.28, clip_c=10.0)
+    assert abs(plain.item() - 2 * math.exp(10)) < 1e-2 and dual.item() == 20.0 and st["dual_clipfrac"] == 1.0
+    dual.backward()
+    assert torch.equal(lp.grad, torch.zeros(1, 2))
+    mask = torch.tensor([[0.0, 1.0]])  # A = +1, r = e^10: the ordinary clip gives -(1 + 0.28)
+    dual, _ = token_policy_loss(lp, torch.zeros(1, 2), adv, mask, 0.2, 0.28, clip_c=10.0)
+    assert abs(dual.item() + 1.28) < 1e-6
+
+
+def test_truncated_is_weights_hand_worked():
+    old = torch.tensor([[0.0, -1.0, -1.0, 0.0]])
+    eng = torch.tensor([[5.0, -1.5, -0.5, 0.0]])  # padding at 0 is ignored through the mask
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    w = truncated_is_weights(old, eng, mask, cap=2.0, per_step=False)
+    assert torch.allclose(w[0, 1:3], torch.tensor([math.exp(0.5), math.exp(-0.5)]), atol=1e-6)
+    w = truncated_is_weights(old, eng + torch.tensor([[0.0, -2.0, 0.0, 0.0]]), mask, cap=2.0, per_step=False)
+    assert abs(w[0, 1].item() - 2.0) < 1e-6  # e^2.5 truncated at the cap
+    assert torch.allclose(truncated_is_weights(old, eng, mask, 2.0, per_step=True), torch.tensor([1.0]))  # mean 0
+
+
+def test_kl_k3_terms_are_clamped_like_low_var_kl():
+    # ref - lp = 5: exp(5) - 5 - 1 = 142.4 -> clamped at 10; ref - lp = -5: e^-5 + 5 - 1 = 4.0067 stays
+    out = kl_k3(torch.tensor([[0.0, 0.0]]), torch.tensor([[5.0, -5.0]]), torch.ones(1, 2))
+    assert abs(out.item() - (10.0 + math.exp(-5) + 4) / 2) < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_token_loss_seq_mean_token_mean_matches_slow_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, L = 7, 9
+    old = -torch.rand(B, L, generator=g) * 2
+    lp = old + torch.randn(B, L, generator=g) * 0.5
+    mask = (torch.rand(B, L, generator=g) < 0.5).float()
+    mask[2] = 0  # a row without tokens does not count
+    adv = torch.randn(B, L, generator=g)
+    rows = []
+    for b in range(B):
+        toks = [j for j in range(L) if mask[b, j] > 0]
+        if toks:
+            rows.append(slow_token_loss(lp[b:b + 1], old[b:b + 1], adv[b:b + 1], mask[b:b + 1], 0.2, 0.28, c=10.0))
+    loss, _ = token_policy_loss(lp, old, adv, mask, 0.2, 0.28, clip_c=10.0, seq_mean=True)
+    assert abs(loss.item() - sum(rows) / len(rows)) < 1e-5
+    # hand-worked: row 0 has one token with l = -1, row 1 two tokens with l = 0 and -2 -> (-1 + -1) / 2 = -1
+    lp0 = torch.zeros(2, 2)
+    loss, _ = token_policy_loss(lp0, lp0, torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0], [1, 1]]),
+                                0.2, 0.2, seq_mean=True)
+    assert abs(loss.item() + 1.0) < 1e-6  # token-mean would give (-1 + 0 - 2) / 3 = -1

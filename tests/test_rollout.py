@@ -212,3 +212,30 @@ def test_smollm2_plays_real_env(name):
     trajs = collect(HFEngine(model, tok), pool, tok, [0, 1], max_steps=3, max_new_tokens=48, temperature=0.7)
     assert all(tr.steps for tr in trajs) and all(packable(tr) for tr in trajs)
     check_tito(model, trajs)
+
+
+class TimeLimitEnv(CountEnv):
+    """CountEnv whose own step limit (2 turns) ends long episodes with done=True and info["truncated"]=True."""
+    def step(self, response):
+        obs, reward, done, info = super().step(response)
+        if not done and self.t >= 2:
+            return obs, reward, True, {**info, "truncated": True}
+        return obs, reward, done, info
+
+
+@pytest.mark.parametrize("context", ["full", "window"])
+def test_cut_episodes_keep_their_next_state(tiny, context):
+    """A cut episode is not terminal and keeps s_T, the prompt its next turn would have had; a terminal one has none."""
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    env = lambda: CountEnv(with_prompt=True)  # noqa: E731
+    short = collect(engine, [env(), env()], tok, [3, 0], max_steps=2, max_new_tokens=5, temperature=1.0,
+                    context=context, seed=4)
+    longer = collect(engine, [env(), env()], tok, [3, 0], max_steps=3, max_new_tokens=5, temperature=1.0,
+                     context=context, seed=4)  # same seeds: the same first two turns, then a third
+    assert not short[0].terminated and short[0].next_prompt_ids == longer[0].steps[2].prompt_ids
+    assert short[1].terminated and short[1].next_prompt_ids is None  # seed 0 ends after one turn
+    limited = collect(engine, [TimeLimitEnv()], tok, [3], max_steps=4, max_new_tokens=5, temperature=1.0, seed=4)[0]
+    assert len(limited.steps) == 2 and not limited.terminated and limited.steps[-1].info["truncated"]
+    assert limited.next_prompt_ids is not None and extends(limited.steps[-1].prompt_ids + limited.steps[-1].action_ids,
+                                                          limited.next_prompt_ids)

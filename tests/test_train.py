@@ -1,6 +1,8 @@
 """End-to-end runs of train.py with tiny budgets (CleanRL style): every estimator, resume, DDP, plugins, bad flags."""
+import math
 import os
 import textwrap
+import types
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from conftest import metric_rows, torchrun_train
 
 TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
         "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
-TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s"}
+TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "credit_s", "logprob_s", "update_s"}
 
 
 def run(tmp_path, *flags, name="run"):
@@ -21,7 +23,8 @@ def run(tmp_path, *flags, name="run"):
 
 @pytest.mark.parametrize("env", ["multihop", "alfworld"])
 @pytest.mark.parametrize("estimator,loss", [("step_gae", "step"), ("token_gae", "token"), ("grpo", "token"),
-                                            ("rloo", "step"), ("gigpo", "step")])
+                                            ("rloo", "step"), ("gigpo", "step"), ("reinforce_pp", "token"),
+                                            ("reinforce_pp_baseline", "step")])
 def test_two_iterations_every_estimator(tmp_path, env, estimator, loss):
     # an invalid-action penalty makes rewards non-zero even for an untrained model, so the critic has work to do
     out, rows = run(tmp_path, "--env", env, "--estimator", estimator, "--loss", loss,
@@ -32,7 +35,8 @@ def test_two_iterations_every_estimator(tmp_path, env, estimator, loss):
         assert key in rows[0] and isinstance(rows[0][key], float), key
     assert all(0 <= r["eval_success_rate"] <= 1 for r in rows)
     assert 1 <= rows[0]["mean_steps"] <= 3 and rows[0]["entropy"] > 0
-    if estimator in ("grpo", "rloo", "gigpo"):
+    assert rows[0]["engine_kl"] < 1e-5  # the HF engine on CPU in fp32 computes the trainer's own log-probs
+    if estimator in ("grpo", "rloo", "gigpo", "reinforce_pp", "reinforce_pp_baseline"):
         assert rows[0]["value_loss"] == 0.0  # no critic for the critic-free estimators
     else:
         assert rows[0]["value_loss"] > 0.0
@@ -81,6 +85,10 @@ def test_resume_errors_are_clear(tmp_path):
     (["--iters", "zero"], "invalid int value"),
     (["--vllm-memory", "1.5"], "--vllm-memory is a fraction"),
     (["--env-kwargs", "[1]"], "must be a JSON object"),
+    (["--estimator", "reinforce_pp_baseline", "--group-size", "1", "--envs-per-iter", "4"], "group-size >= 2"),
+    (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
+    (["--step-clip-low", "-1"], "must be >= 0"),
+    (["--gamma", "1.5"], "--gamma and --lam"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
 ])
 def test_bad_flags_fail_before_work(flags, message, capsys):
@@ -158,3 +166,78 @@ def test_a_process_without_demonstrations_stops_every_process(tmp_path):
                        port=29518, env={"PYTHONPATH": str(tmp_path)}, timeout=300)
     assert r.returncode != 0
     assert r.stderr.count("a process got no winning expert episode") == 2, r.stderr[-3000:]  # both processes say it
+
+
+def test_help_shows_the_step_and_token_clip_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--step-clip-low", "0.0003"), ("--step-clip-high", "0.0004"), ("--clip-low", "0.2"),
+                          ("--clip-high", "0.28"), ("--dual-clip", "10.0"), ("--kl-coef", "0.001")):
+        entry = out[out.index(f"{flag} {flag.upper()[2:].replace('-', '_')} "):][:220]  # the flag's own help text
+        assert f"(default: {default})" in entry, entry
+    cfg = train.parse_config([])
+    assert (cfg.gamma, cfg.lam, cfg.epochs, cfg.kl_coef, cfg.bootstrap) == (1.0, 1.0, 1, 0.001, False)
+
+
+def test_default_step_clip_clips_some_steps(tmp_path):
+    """At the authors' step clip (1 -/+ 3e-4 / 4e-4) later minibatches of an iteration see clipped steps; the
+    first minibatch's ratio is exactly 1 (pi_old is the trainer's own log-probs)."""
+    _, rows = run(tmp_path, "--iters", "3", "--envs-per-iter", "8", "--minibatch-size", "2")
+    assert sum(r["clipfrac"] > 0 for r in rows if "clipfrac" in r) >= 2
+
+
+class FixedCritic(torch.nn.Module):
+    """V(tokens <= j) = (sum of those token ids) / 1000: a critic whose values tell which context they read."""
+    backbone = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=4096))
+
+    def forward(self, input_ids, attention_mask=None):
+        return (input_ids * attention_mask).cumsum(1).float() / 1000
+
+
+def test_bootstrap_reads_the_next_state_at_its_step_boundary(tiny):
+    from conftest import CountEnv
+    from rollout import HFEngine, collect
+    model, tok = tiny
+    trajs = collect(HFEngine(model, tok), [CountEnv(), CountEnv()], tok, [3, 0], max_steps=2, max_new_tokens=4,
+                    temperature=1.0, seed=0)  # seed 3 is cut after 2 of its 4 turns, seed 0 ends after 1
+    assert not trajs[0].terminated and trajs[1].terminated
+    critic = FixedCritic()
+    for bootstrap, gamma in ((False, 0.9), (True, 0.9), (True, 1.0)):
+        cfg = train.parse_config(["--gamma", str(gamma), "--lam", "1", *(["--bootstrap"] if bootstrap else [])])
+        out = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, torch.device("cpu"))
+        nxt = sum(trajs[0].next_prompt_ids) / 1000  # V(s_2): the critic at the last token of the next prompt
+        want = gamma * nxt if bootstrap else 0.0  # reward 0 on a cut CountEnv episode
+        assert abs(out["ret_step"][0, 1].item() - want) < 1e-5
+        assert abs(out["ret_step"][1, 0].item() - 1.0) < 1e-6  # terminal: reward 1, nothing to bootstrap
+    last = trajs[0].steps[-1]
+    assert abs(nxt - sum(last.prompt_ids + last.action_ids) / 1000) > 1e-3  # not the end of the last action
+
+
+def test_old_logprobs_are_the_trainers_and_engine_kl_measures_the_gap(tiny):
+    import copy
+    from conftest import CountEnv, forward_logprobs
+    from rollout import HFEngine, collect
+    model, tok = tiny
+    trajs = collect(HFEngine(model, tok), [CountEnv()], tok, [2], max_steps=3, max_new_tokens=5, temperature=1.0, seed=1)
+    cfg = train.parse_config(["--minibatch-size", "1"])
+    dev = torch.device("cpu")
+    lps = train.behaviour_logprobs(cfg, model, None, trajs, tok.pad_token_id, dev)
+    assert lps["engine_kl"] < 1e-6 and lps["ref_lp"] is None
+    shifted = copy.deepcopy(trajs)
+    for s in shifted[0].steps:
+        s.logprobs = [x + 0.1 for x in s.logprobs]  # an engine 0.1 nats more confident on every sampled token
+    lps2 = train.behaviour_logprobs(cfg, model, model, shifted, tok.pad_token_id, dev)
+    assert abs(lps2["engine_kl"] - (math.exp(-0.1) - 1 + 0.1)) < 1e-5  # k3 of d = trainer - engine = -0.1
+    for t, s in enumerate(trajs[0].steps):
+        want = forward_logprobs(model, s.prompt_ids, s.action_ids)
+        n = len(s.action_ids)
+        assert torch.allclose(lps2["old_lp"][0, t, :n], want, atol=1e-5)  # the trainer's, not the shifted engine's
+        assert torch.equal(lps2["ref_lp"][0, t, :n], lps2["old_lp"][0, t, :n])
+
+
+@pytest.mark.parametrize("flags", [["--tis-cap", "2"], ["--loss", "token", "--estimator", "token_gae", "--tis-cap", "2",
+                                                        "--bootstrap", "--max-steps", "1"]])
+def test_tis_and_bootstrap_runs(tmp_path, flags):
+    _, rows = run(tmp_path, *flags)
+    assert [r["iter"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["policy_loss"]) for r in rows if "policy_loss" in r)
