@@ -78,6 +78,7 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 5  # evaluate every this many iterations (and at the start and the end)
     eval_episodes: int = 64  # held-out (split=eval) episodes per evaluation, greedy
+    eval_split: str = "eval"  # eval (held out) | train: tune settings without looking at the held-out tasks
     seed: int = 0  # everything random derives from it
     out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt.pt, final/, curve.png
     resume: bool = False  # continue from <out>/ckpt.pt
@@ -112,6 +113,8 @@ def check_config(cfg: Config):
         return f"--estimator must be one of {', '.join(ESTIMATORS)}, not {cfg.estimator!r}"
     if cfg.loss not in ("step", "token"):
         return f"--loss must be step or token, not {cfg.loss!r}"
+    if cfg.eval_split not in ("eval", "train"):
+        return f"--eval-split must be eval or train, not {cfg.eval_split!r}"
     if cfg.context not in ("full", "window"):
         return f"--context must be full or window, not {cfg.context!r}"
     if cfg.estimator == "token_gae" and cfg.loss == "step":
@@ -310,6 +313,11 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
     if out["adv_tok"] is None:
         out["adv_tok"] = adv[:, :, None] * tok_mask  # the step's advantage broadcast to its tokens
     out["adv_step"] = adv
+    if critic is not None:  # is the critic learning? 1 - Var(return - V) / Var(return), over steps (or tokens)
+        tok = cfg.estimator == "token_gae"
+        v, ret, m = (out["v_tok"], out["ret_tok"], tok_mask) if tok else (out["v_step"], out["ret_step"], M)
+        var = lambda x: (((x - (x * m).sum() / m.sum()) * m) ** 2).sum() / m.sum()  # noqa: E731
+        out["explained_var"] = (1 - var(ret - v) / var(ret).clamp(min=1e-8)).item()
     return out
 
 
@@ -448,7 +456,8 @@ def main(cfg: Config):
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
     env_kwargs = json.loads(cfg.env_kwargs)
     train_envs = [envs.make(cfg.env, split="train", **env_kwargs) for _ in range(cfg.envs_per_iter)]
-    eval_envs = [envs.make(cfg.env, split="eval", **env_kwargs) for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
+    eval_envs = [envs.make(cfg.env, split=cfg.eval_split, **env_kwargs)
+                 for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
     max_steps = cfg.max_steps or train_envs[0].max_steps
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
@@ -563,6 +572,13 @@ def main(cfg: Config):
                    rollout_s=t_roll, credit_s=t_credit, logprob_s=t_lp, update_s=t_upd, wall_s=time.time() - t0)
         if cfg.loss == "token" and cfg.dual_clip:
             row["dual_clipfrac"] = st["dual_clipfrac"]
+        if "explained_var" in adv:
+            row["explained_var"] = adv["explained_var"]
+        wins = {}  # task -> outcomes: a group with both wins and losses is where a group baseline has signal
+        for t in trajs:
+            wins.setdefault(t.task_id, set()).add(t.success)
+        mixed, n_groups = all_sum([sum(len(w) == 2 for w in wins.values()), len(wins)], device)
+        row["mixed_groups"] = mixed / max(n_groups, 1)
         if ref is not None:
             row["kl_ref"] = st["kl_ref"]
         if st["skipped_updates"] and master:

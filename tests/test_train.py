@@ -36,6 +36,9 @@ def test_two_iterations_every_estimator(tmp_path, env, estimator, loss):
     assert all(0 <= r["eval_success_rate"] <= 1 for r in rows)
     assert 1 <= rows[0]["mean_steps"] <= 3 and rows[0]["entropy"] > 0
     assert rows[0]["engine_kl"] < 1e-5  # the HF engine on CPU in fp32 computes the trainer's own log-probs
+    assert 0 <= rows[0]["mixed_groups"] <= 1
+    assert ("explained_var" in rows[0]) == (estimator in ("step_gae", "token_gae"))
+    assert rows[0].get("explained_var", 0.0) <= 1.0
     if estimator in ("grpo", "rloo", "gigpo", "reinforce_pp", "reinforce_pp_baseline"):
         assert rows[0]["value_loss"] == 0.0  # no critic for the critic-free estimators
     else:
@@ -89,6 +92,7 @@ def test_resume_errors_are_clear(tmp_path):
     (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
     (["--step-clip-low", "-1"], "must be >= 0"),
     (["--gamma", "1.5"], "--gamma and --lam"),
+    (["--eval-split", "test"], "--eval-split must be eval or train"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
 ])
 def test_bad_flags_fail_before_work(flags, message, capsys):
@@ -241,3 +245,30 @@ def test_old_logprobs_are_the_trainers_and_engine_kl_measures_the_gap(tiny):
 def test_tis_and_bootstrap_runs(tmp_path, flags):
     _, rows = run(tmp_path, *flags)
     assert [r["iter"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["policy_loss"]) for r in rows if "policy_loss" in r)
+
+
+def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_a_constant_one(tiny):
+    from conftest import CountEnv
+    from rollout import HFEngine, collect
+    model, tok = tiny
+    trajs = collect(HFEngine(model, tok), [CountEnv() for _ in range(4)], tok, [0, 1, 2, 3], max_steps=4,
+                    max_new_tokens=3, temperature=1.0, seed=0)  # reward 1 at the end of each episode
+    cfg = train.parse_config(["--gamma", "0.5", "--lam", "1"])
+
+    class Constant(FixedCritic):
+        def forward(self, input_ids, attention_mask=None):
+            return torch.full(input_ids.shape, 0.3)
+    out = train.compute_advantages(cfg, trajs, Constant(), tok.pad_token_id, torch.device("cpu"))
+    assert abs(out["explained_var"]) < 1e-5  # V = const explains none of the returns' variance
+
+    class Perfect(FixedCritic):  # V(s_t) = 0.5^(steps left - 1): the true return of every state of CountEnv
+        def forward(self, input_ids, attention_mask=None):
+            v = torch.zeros(input_ids.shape)
+            for b, row in enumerate(input_ids.tolist()):
+                for tr in trajs:
+                    for t, s in enumerate(tr.steps):
+                        if row[:len(s.prompt_ids)] == s.prompt_ids:
+                            v[b, len(s.prompt_ids) - 1] = 0.5 ** (len(tr.steps) - 1 - t)
+            return v
+    out = train.compute_advantages(cfg, trajs, Perfect(), tok.pad_token_id, torch.device("cpu"))
+    assert out["explained_var"] > 1 - 1e-5
