@@ -46,7 +46,7 @@ class Config:
     engine: str = "hf"  # rollout engine: hf (transformers generate) | vllm
     vllm_memory: float = 0.3  # GPU memory fraction each colocated vLLM engine may take (the trainer shares the GPU)
     estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo | reinforce_pp[_baseline]
-    loss: str = "step"  # step: one clipped ratio per step (StepPO) | token: one per token (PPO/GRPO)
+    loss: str = "step"  # step: one clipped ratio per step (StepPO; token_gae: its mean token adv.) | token: per token
     context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
     iters: int = 30  # RL iterations (0: warm start and evaluate only, e.g. to share one warm start between runs)
     envs_per_iter: int = 32  # trajectories collected per iteration per process
@@ -117,8 +117,6 @@ def check_config(cfg: Config):
         return f"--eval-split must be eval or train, not {cfg.eval_split!r}"
     if cfg.context not in ("full", "window"):
         return f"--context must be full or window, not {cfg.context!r}"
-    if cfg.estimator == "token_gae" and cfg.loss == "step":
-        return "--estimator token_gae gives one advantage per token: use it with --loss token"
     if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
         return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
     if cfg.estimator in GROUPED and cfg.group_size < 2:
@@ -294,7 +292,7 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
         a, r = token_gae(tok_r.view(N, -1), pad(out["v_tok"]), pad(tok_mask), cfg.gamma, cfg.lam, boot)
         a, out["ret_tok"] = a.view(N, T, A + 1)[..., :A], r.view(N, T, A + 1)[..., :A]
         out["adv_tok"] = whiten(a, tok_mask, all_sum=procs_sum) if cfg.whiten else a
-        adv = out["adv_tok"][:, :, 0]  # only for logging
+        adv = (out["adv_tok"] * tok_mask).sum(2) / tok_mask.sum(2).clamp(min=1)  # --loss step: a step's mean
     elif cfg.estimator == "reinforce_pp":
         adv = reinforce_pp(R, M, cfg.gamma, all_sum=procs_sum)
     else:
