@@ -7,7 +7,7 @@ Data: the official JSON files, `hotpot_train_v1.1.json` (split "train") and `hot
 knowledge base of envs/multihop.py (fact cards as paragraphs, 2-4 hop questions, disjoint train/dev questions).
 
 Search (`search=`), ranked with BM25 (Robertson & Zaragoza 2009, Lucene's variant, k1=1.5, b=0.75, English
-stop words, no stemming) by `bm25s` (Lu 2024, arXiv 2407.03618) over "title: text" strings:
+stop words, no stemming) by `bm25s` (Lù 2024, arXiv 2407.03618) over "title: text" strings:
     "distractor"  each question's own context paragraphs (a 10-document index built at reset, ~0.3 ms)
     "corpus"      one shared index over `corpus=` (JSONL, one {"title", "text"} per line) or, when none is given,
                   over the union of all paragraphs in the data files; built once, cached on disk under
@@ -33,6 +33,9 @@ self-contained message for the "window" context, the authors' per-step prompt in
 far, the passages retrieved (deduplicated, newest kept within `prompt_chars`), the last error and the format.
 Defaults from the authors' recipe (recipe/hotpotqa/base.yaml, hotpotqa_agent_flow.py, utils.py): max_steps 5,
 top_k 5, 1200 characters per passage, 30720 characters of passages (3 per token of their 10240-token prompt).
+Where we differ from that recipe: BM25 instead of dense retrieval (BGE + FAISS), one action per turn (they allow
+up to 4 parallel searches, and search the question itself before the first turn), and a window prompt that keeps
+the newest passages (theirs keeps the oldest) when the budget is hit.
 """
 import argparse
 import ast
@@ -50,9 +53,9 @@ from collections import Counter
 import bm25s
 import numpy as np
 
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG
-
 from envs import multihop
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
 
 FILES = {"train": "hotpot_train_v1.1.json", "eval": "hotpot_dev_distractor_v1.json"}
 URL = "http://curtis.ml.cmu.edu/datasets/hotpot/"
@@ -143,7 +146,8 @@ def _parse(row, i, path):
                              "use the train and dev files)" % (path, i, key, SCHEMA))
     return {"id": row["_id"], "question": row["question"], "answer": row["answer"],
             "support": list(dict.fromkeys(title for title, _ in row["supporting_facts"])),
-            "context": [(title, " ".join(" ".join(s.split()) for s in sents).strip()) for title, sents in row["context"]]}
+            "context": [(title, " ".join(" ".join(s.split()) for s in sents).strip())
+                        for title, sents in row["context"]]}
 
 
 def load_questions(path):
@@ -306,7 +310,8 @@ class HotpotQAEnv:
         if min(max_steps, top_k, passage_chars, prompt_chars) < 1:
             raise ValueError("max_steps, top_k, passage_chars and prompt_chars must be >= 1")
         self.split, self.search_mode, self.format = split, search, action_format
-        self.max_steps, self.top_k, self.passage_chars, self.prompt_chars = max_steps, top_k, passage_chars, prompt_chars
+        self.max_steps, self.top_k = max_steps, top_k
+        self.passage_chars, self.prompt_chars = passage_chars, prompt_chars
         self.invalid_penalty = invalid_penalty
         self.system_prompt = SYSTEM[action_format]
         self.tools = [SEARCH_TOOL] if action_format == "tool" else None  # for the chat template (rollout.py)
@@ -353,7 +358,7 @@ class HotpotQAEnv:
         self.t += 1
         name, arg = (parse_tag if self.format == "tag" else parse_tool)(response)
         if name is not None and len(arg) > MAX_ARG:
-            name, arg = None, "the %s is longer than %d characters" % ("query" if name == "search" else "answer", MAX_ARG)
+            name, arg = None, "the %s is over %d characters" % ("query" if name == "search" else "answer", MAX_ARG)
         reward, self.error = 0.0, None
         if name is None:
             obs = self.error = "Invalid response: %s. %s" % (arg, HINT[self.format])
@@ -422,7 +427,8 @@ RELATION_SENTENCES = {"built_by": "%s was built by %s.", "founder": "%s was foun
 def _paragraph(kb, name):
     """The fact card of `name` as sentences (official style: sentences after the first start with a space)."""
     rels = [r for r in kb[name] if r in RELATION_SENTENCES]
-    return ["%s is a %s." % (name, kb[name]["type"])] + [" " + RELATION_SENTENCES[r] % (name, kb[name][r]) for r in rels]
+    return ["%s is a %s." % (name, kb[name]["type"])] + [" " + RELATION_SENTENCES[r] % (name, kb[name][r])
+                                                         for r in rels]
 
 
 def make_sample(folder, kb_seed=0, n_paragraphs=10):

@@ -2,13 +2,15 @@
 through a chat template, and train.py end to end, all on a sample generated offline (`make_sample`)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import envs
 import train
-from conftest import forward_logprobs, metric_rows
+from conftest import ROOT, forward_logprobs, metric_rows
 from envs import hotpotqa
 from envs.hotpotqa import FILES, SEARCH_TOOL, f1_score, normalize_answer, parse_tool
 from rollout import HFEngine, collect, first_prompt, observation_role
@@ -95,7 +97,9 @@ def test_sample_is_in_the_official_schema_and_deterministic(sample, tmp_path):
             assert sents[last_title][last_i].rstrip(".").endswith(e["answer"])  # the last hop names the answer
     assert not {e["_id"] for e in rows["train"]} & {e["_id"] for e in rows["eval"]}
     assert not {e["question"] for e in rows["train"]} & {e["question"] for e in rows["eval"]}
-    hotpotqa.make_sample(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "envs.hotpotqa", "--make-sample", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)  # the documented command writes the same files
+    assert r.returncode == 0 and "111" in r.stdout, r.stderr
     for f in FILES.values():
         assert open(os.path.join(sample, f)).read() == open(tmp_path / f).read()
 
@@ -126,7 +130,8 @@ def test_data_errors_are_clear(sample, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="split='eval'.*half/hotpot_dev_distractor_v1.json does not exist"):
         envs.make("hotpotqa", data_dir=str(half), split="eval")
     bad = {"not json": "[{", "a dict": '{"data": []}', "empty": "[]",
-           "no supporting facts": json.dumps([OFFICIAL, {k: v for k, v in OFFICIAL.items() if k != "supporting_facts"}]),
+           "no supporting facts": json.dumps([OFFICIAL, {k: v for k, v in OFFICIAL.items()
+                                                         if k != "supporting_facts"}]),
            "HF-style context": json.dumps([{**OFFICIAL, "context": {"title": ["A"], "sentences": [["x"]]}}])}
     messages = ["cannot be read as JSON", "not a HotpotQA file", "not a HotpotQA file", "entry 1 .*'supporting_facts'",
                 "entry 0 .*'context'"]
@@ -172,7 +177,8 @@ def test_bm25_title_query_ranks_its_paragraph_first(sample, cache, tmp_path):
         for p in union:
             f.write(json.dumps({"title": p["title"], "text": [p["text"]]}) + "\n\n")
         for i in range(200):
-            f.write(json.dumps({"title": "Noise %d" % i, "text": "A company founded by nobody, built in %d." % i}) + "\n")
+            noise = {"title": "Noise %d" % i, "text": "A company founded by nobody, built in %d." % i}
+            f.write(json.dumps(noise) + "\n")
     for kw in (dict(), dict(corpus=str(corpus))):
         env = envs.make("hotpotqa", data_dir=sample, search="corpus", cache_dir=cache, top_k=3, **kw)
         assert env.index.scores["num_docs"] == len(union) + (200 if kw else 0) and len(union) == 26
@@ -221,7 +227,8 @@ def test_bad_responses_are_invalid_steps(sample, action_format):
     for bad in BAD + [other]:  # the other format's syntax is invalid too
         obs, reward, done, info = env.step(bad)
         assert info["invalid"] and not done and reward == -0.1 and obs.startswith("Invalid response")
-        assert hotpotqa.HINT[action_format] in obs and info["expert"] == good and "Last response: Invalid" in info["prompt"]
+        assert hotpotqa.HINT[action_format] in obs and info["expert"] == good
+        assert "Last response: Invalid" in info["prompt"]
     obs, reward, done, info = env.step("Let me think. " + good)
     assert not info["invalid"] and obs.startswith("[1] ") and reward == 0.0 and "Last response" not in info["prompt"]
     obs, reward, done, info = env.step(("<answer>%s</answer>" if action_format == "tool" else
@@ -296,8 +303,8 @@ def test_collect_in_tool_mode_is_token_in_token_out(sample, tiny, qwen_style):
     for tr in demos:
         for a, b in zip(tr.steps, tr.steps[1:]):
             new = tok.decode(b.prompt_ids[len(a.prompt_ids) + len(a.action_ids):])
-            assert new == "\n<|im_start|>user\n<tool_response>\n%s\n</tool_response><|im_end|>\n<|im_start|>assistant\n" \
-                % a.observation
+            assert new == ("\n<|im_start|>user\n<tool_response>\n%s\n</tool_response><|im_end|>\n"
+                           "<|im_start|>assistant\n" % a.observation)
     for tk, context in ((tok, "full"), (tok, "window"), (tiny[1], "full")):
         trajs = collect(HFEngine(model, tk), pool[:2], tk, [3, 3], max_steps=3, max_new_tokens=12, temperature=1.0,
                         context=context, seed=0)
@@ -309,8 +316,10 @@ def test_collect_in_tool_mode_is_token_in_token_out(sample, tiny, qwen_style):
                 assert (ref - torch.tensor(s.logprobs)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("kwargs,flags", [({}, []), ({"action_format": "tool", "invalid_penalty": 0.1},
-                                                      ["--context", "window", "--estimator", "grpo", "--loss", "token"])])
+@pytest.mark.parametrize("kwargs,flags", [
+    ({}, []),
+    ({"action_format": "tool", "invalid_penalty": 0.1},
+     ["--context", "window", "--estimator", "grpo", "--loss", "token"])])
 def test_train_runs_end_to_end(sample, tmp_path, kwargs, flags):
     from test_train import TINY
     out = str(tmp_path / "run")
