@@ -12,7 +12,8 @@ stop words, no stemming) by `bm25s` (Lù 2024, arXiv 2407.03618) over "title: te
     "corpus"      one shared index over `corpus=` (JSONL, one {"title", "text"} per line) or, when none is given,
                   over the union of all paragraphs in the data files; built once, cached on disk under
                   `cache_dir=` (default $STEPPO_CACHE/hotpotqa or ~/.cache/steppo/hotpotqa), keyed by the
-                  sources' path, size and mtime, written to a temp folder and renamed.
+                  sources' path, size and mtime, built by one process at a time (a file lock), written to a
+                  temp folder and renamed.
 A search returns the `top_k` best passages with a positive score, each clipped to `passage_chars`.
 
 Actions (`action_format=`), the LAST block counts, thinking before it allowed:
@@ -39,6 +40,7 @@ the newest passages (theirs keeps the oldest) when the budget is hit.
 """
 import argparse
 import ast
+import fcntl
 import hashlib
 import json
 import logging
@@ -242,8 +244,11 @@ def corpus_index(sources, read_passages, cache_dir):
     key = hashlib.sha1(json.dumps([INDEX_VERSION, bm25s.__version__, [_stamp(p) for p in sources]]).encode())
     folder = os.path.join(cache_dir, "bm25-" + key.hexdigest()[:16])
     if folder not in _INDEXES:
-        if not os.path.isdir(folder):
-            build_corpus_index(folder, read_passages())
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(folder + ".lock", "w") as lock:  # one builder at a time (e.g. torchrun's processes); others wait
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isdir(folder):
+                build_corpus_index(folder, read_passages())
         _INDEXES[folder] = bm25s.BM25.load(folder, load_corpus=True, mmap=True, show_progress=False, verbosity=0)
     return _INDEXES[folder]
 

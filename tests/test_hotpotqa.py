@@ -191,7 +191,8 @@ def test_corpus_index_is_built_once_and_cached_on_disk(sample, tmp_path, monkeyp
     cache = str(tmp_path / "cache")
     a = envs.make("hotpotqa", data_dir=sample, search="corpus", cache_dir=cache)
     b = envs.make("hotpotqa", data_dir=sample, search="corpus", cache_dir=cache, split="eval")
-    assert a.index is b.index and len(os.listdir(cache)) == 1 and os.listdir(cache)[0].startswith("bm25-")
+    folders = lambda: sorted(f for f in os.listdir(cache) if not f.endswith(".lock"))  # noqa: E731
+    assert a.index is b.index and len(folders()) == 1 and folders()[0].startswith("bm25-")
     monkeypatch.setattr(hotpotqa, "_INDEXES", {})  # a new process: loads from disk, never rebuilds
     monkeypatch.setattr(hotpotqa, "build_corpus_index", lambda *a: pytest.fail("rebuilt a cached index"))
     c = envs.make("hotpotqa", data_dir=sample, search="corpus", cache_dir=cache)
@@ -201,7 +202,18 @@ def test_corpus_index_is_built_once_and_cached_on_disk(sample, tmp_path, monkeyp
     monkeypatch.undo()
     os.utime(os.path.join(sample, FILES["eval"]), ns=(1, 1))  # a changed source file: a new index
     envs.make("hotpotqa", data_dir=sample, search="corpus", cache_dir=cache)
-    assert len(os.listdir(cache)) == 2  # and no temp folders left behind
+    assert len(folders()) == 2 and not [f for f in folders() if ".tmp" in f]  # no temp folders left behind
+
+
+def test_concurrent_processes_build_the_index_once(sample, tmp_path):
+    code = ("import time, envs, envs.hotpotqa as h; n = []; build = h.build_corpus_index\n"  # a slow build: overlap
+            "h.build_corpus_index = lambda *a: n.append((time.sleep(2), build(*a)))\n"
+            "envs.make('hotpotqa', data_dir=%r, search='corpus', cache_dir=%r); print('builds', len(n))"
+            % (sample, str(tmp_path)))
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and sorted(outs) == ["builds 0\n", "builds 1\n"]
 
 
 # ---------------------------------------------------------------- episodes
