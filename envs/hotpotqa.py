@@ -8,7 +8,7 @@ knowledge base of envs/multihop.py (fact cards as paragraphs, 2-4 hop questions,
 
 Search (`search=`), ranked with BM25 (Robertson & Zaragoza 2009, Lucene's variant, k1=1.5, b=0.75, English
 stop words, no stemming) by `bm25s` (Lù 2024, arXiv 2407.03618) over "title: text" strings:
-    "distractor"  each question's own context paragraphs (a 10-document index built at reset, ~0.3 ms)
+    "distractor"  each question's own context paragraphs (a 10-document index built at reset, ~1.5 ms)
     "corpus"      one shared index over `corpus=` (JSONL, one {"title", "text"} per line) or, when none is given,
                   over the union of all paragraphs in the data files; built once, cached on disk under
                   `cache_dir=` (default $STEPPO_CACHE/hotpotqa or ~/.cache/steppo/hotpotqa), keyed by the
