@@ -7,9 +7,10 @@
 
 Conventions (what the trainer can rely on):
 - Token ids end to end. `full` context: step 0's prompt is the chat template of [system, user(first
-  observation)] with the generation prompt, tokenized once. Step t+1's prompt is step t's prompt_ids +
-  action_ids + the ids of the new segment only (close the assistant turn, the user turn with the new
-  observation, the generation prompt). History is never re-tokenized, so every trajectory is `packable`.
+  observation)] with the generation prompt (and the env's `tools`, if it declares any), tokenized once. Step t+1's
+  prompt is step t's prompt_ids + action_ids + the ids of the new segment only (close the assistant turn, the user
+  turn with the new observation, or a tool message where the env has tools and the template supports them, the
+  generation prompt). History is never re-tokenized, so every trajectory is `packable`.
   `window` context: a fresh prompt each turn from the env's `info["prompt"]` (task, current observation,
   last actions), or one built here from the task (= first observation), the last k actions and the observation.
 - Log-probs: `Step.logprobs[j]` = log_softmax(raw logits)[action_ids[j]] in fp32, i.e. the policy at temperature
@@ -39,24 +40,33 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer, messages: list[dict], generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def first_prompt(tokenizer, system: str, user: str) -> list[int]:
-    """[system, user] with the generation prompt -> ids: the state s_0 (and every `window` state)."""
+def first_prompt(tokenizer, system: str, user: str, tools: list[dict] | None = None) -> list[int]:
+    """[system, user] with the generation prompt -> ids: the state s_0 (and every `window` state).
+    `tools` (an env's JSON schemas) go to the chat template, which shows them in the model's own format."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return encode(tokenizer, render(tokenizer, messages))
+    return encode(tokenizer, render(tokenizer, messages, tools=tools))
 
 
-def turn_ids(tokenizer, observation: str, action_ids: list[int]) -> list[int]:
-    """Ids appended after a response: close the assistant turn, the user turn, the generation prompt.
+def observation_role(tokenizer, tools: list[dict] | None) -> str:
+    """The role observations go in as: "tool" if the env declares tools and the chat template renders them (Qwen2.5
+    shows a tool message as <tool_response> in a user turn), else "user" (e.g. the tiny model's template)."""
+    probe = [{"role": "user", "content": "u"}]
+    return "tool" if tools and render(tokenizer, probe, tools=tools) != render(tokenizer, probe) else "user"
+
+
+def turn_ids(tokenizer, observation: str, action_ids: list[int], role: str = "user") -> list[int]:
+    """Ids appended after a response: close the assistant turn, the observation's turn (a `role` message), the
+    generation prompt.
 
     Rendered around a placeholder response and cut after it, so only this segment is tokenized. If the response
     already ends with the token the template closes the turn with (the sampled EOS), it is not added twice.
     """
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                {"role": "assistant", "content": PLACEHOLDER}, {"role": "user", "content": observation}]
+                {"role": "assistant", "content": PLACEHOLDER}, {"role": role, "content": observation}]
     text = render(tokenizer, messages)
     text = text[text.index(PLACEHOLDER) + len(PLACEHOLDER):]
     if action_ids and action_ids[-1] in eos_ids(tokenizer):
@@ -191,6 +201,7 @@ class Episode:
     steps: list[Step] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     expert: str | None = None  # the env's expert response for the next turn (info["expert"])
+    role: str = "user"  # the role observations go in as ("tool" for an env with tools, see observation_role)
     done: bool = False  # the environment ended it
     live: bool = True
     won: bool = False
@@ -224,8 +235,10 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
         for env, s in zip(envs, seeds[start:start + len(envs)]):
             obs, info = env.reset(seed=s)
             user = (info.get("prompt") or window_message(obs, obs, [], window)) if context == "window" else obs
-            episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user), str(info["task_id"]),
-                                    expert=info.get("expert")))
+            tools = getattr(env, "tools", None)
+            episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user, tools),
+                                    str(info["task_id"]), expert=info.get("expert"),
+                                    role=observation_role(tokenizer, tools)))
             if len(episodes[-1].prompt) + max_new_tokens > max_len:
                 bar.close()
                 raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
@@ -253,10 +266,10 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                     e.live = False
                     continue
                 if context == "full":  # the next state s_{t+1} (also what a cut episode bootstraps from)
-                    e.prompt = e.prompt + ids + turn_ids(tokenizer, obs, ids)
+                    e.prompt = e.prompt + ids + turn_ids(tokenizer, obs, ids, e.role)
                 else:
                     user = info.get("prompt") or window_message(e.task, obs, e.actions, window)
-                    e.prompt = first_prompt(tokenizer, e.env.system_prompt, user)
+                    e.prompt = first_prompt(tokenizer, e.env.system_prompt, user, getattr(e.env, "tools", None))
                 if done or turn == max_steps - 1:
                     e.live = False
                 elif len(e.prompt) + max_new_tokens > max_len:  # the next turn would not fit: end cleanly

@@ -40,7 +40,7 @@ GROUPED = ("grpo", "rloo", "gigpo", "reinforce_pp_baseline")  # compare trajecto
 
 @dataclass
 class Config:
-    env: str = "multihop"  # environment: alfworld | multihop | some.module:ClassName
+    env: str = "multihop"  # environment: alfworld | multihop | hotpotqa | some.module:ClassName
     env_kwargs: str = "{}"  # JSON object of constructor arguments, e.g. '{"invalid_penalty": 0.1}'
     model: str = "tiny"  # hub id, local path, tiny (built offline) or smollm2-135m
     engine: str = "hf"  # rollout engine: hf (transformers generate) | vllm

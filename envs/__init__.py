@@ -1,10 +1,15 @@
 """Environments for StepPO: `envs.make(name, **kwargs)` and the protocol every env follows.
 
-    env = envs.make("alfworld", split="train")      # or "multihop", or "my_pkg.my_mod:MyEnv"
+    env = envs.make("alfworld", split="train")      # or "multihop", "hotpotqa", or "my_pkg.my_mod:MyEnv"
     obs, info = env.reset(seed)                      # same seed -> same task (same info["task_id"])
     obs, reward, done, info = env.step(response)     # response: the model's raw text for the turn
 
-An env has `system_prompt` (instructions incl. the action format) and `max_steps`. `info` always has:
+An env has `system_prompt` (instructions incl. the action format) and `max_steps`, and may have `tools`: a list of
+JSON schemas in the OpenAI function format ({"type": "function", "function": {"name", "description", "parameters"}})
+that rollout.py passes to the chat template (`apply_chat_template(..., tools=tools)`) so the model sees its own
+tool-call format; where the template renders them, observations then go in as "tool" messages. The env still
+parses the raw response text itself and should describe its format in `system_prompt` for templates without
+tools. `info` always has:
     task_id    str, identical for the same task instance (the group key for GRPO/GiGPO-style baselines)
     won        bool, the task is solved
     invalid    bool, the response could not be parsed or executed (the episode goes on)
@@ -21,6 +26,7 @@ import importlib
 REGISTRY = {
     "alfworld": "envs.alfworld:AlfWorldEnv",
     "multihop": "envs.multihop:MultiHopEnv",
+    "hotpotqa": "envs.hotpotqa:HotpotQAEnv",
 }
 
 

@@ -250,13 +250,13 @@ def test_plugin_by_module_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     env = envs.make("my_plugin_env:CountEnv", start=10)
     assert type(env).__name__ == "CountEnv" and env.reset(2)[0] == "12"
-    with pytest.raises(ValueError, match="alfworld, multihop"):
+    with pytest.raises(ValueError, match="alfworld, hotpotqa, multihop"):
         envs.make("no_such_env")
     with pytest.raises(ValueError, match="cannot load"):
         envs.make("my_plugin_env:Missing")
     for spec in (":CountEnv", "my_plugin_env:", "os.path:join"):  # no module, no class, not a class
         with pytest.raises(ValueError, match="cannot load"):
             envs.make(spec)
-    for name in ("alfworld", "multihop"):
+    for name in ("alfworld", "multihop", "hotpotqa"):
         with pytest.raises(ValueError, match="split must be"):
             envs.make(name, split="test")
