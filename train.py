@@ -315,7 +315,8 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
         tok = cfg.estimator == "token_gae"
         v, ret, m = (out["v_tok"], out["ret_tok"], tok_mask) if tok else (out["v_step"], out["ret_step"], M)
         var = lambda x: (((x - (x * m).sum() / m.sum()) * m) ** 2).sum() / m.sum()  # noqa: E731
-        out["explained_var"] = (1 - var(ret - v) / var(ret).clamp(min=1e-8)).item()
+        if var(ret) > 1e-8:  # undefined when every return is the same
+            out["explained_var"] = (1 - var(ret - v) / var(ret)).item()
     return out
 
 
@@ -514,6 +515,8 @@ def main(cfg: Config):
             sft_loss = warm_start(cfg, policy_ddp, opt_p, demos, pad_id, device, g)
             if master:
                 print(f"warm start: {cfg.sft_steps} steps on {len(demos)} expert episodes, final NLL {sft_loss:.3f}")
+            if critic is not None:  # the critic starts from the policy's starting point (the authors: the actor's model)
+                critic.backbone.load_state_dict(policy.base_model.state_dict())
         if cfg.kl_coef > 0:
             ref = type(policy)(policy.config).to(device)
             ref.load_state_dict(policy.state_dict())

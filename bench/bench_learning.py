@@ -1,15 +1,21 @@
-"""Learning comparison: StepPO vs PPO vs GRPO vs RLOO vs GiGPO with the same model, warm start and budget.
+"""Learning comparison v2: StepPO against PPO, GRPO, RLOO, GiGPO, REINFORCE++-baseline and two ablations.
 
-    python bench/bench_learning.py                          # multihop + alfworld, 5 methods + 1 ablation x 3 seeds
-    python bench/bench_learning.py --envs multihop --methods StepPO PPO --seeds 0 --jobs 1
-    python bench/bench_learning.py --report                 # table and plots from the runs already finished
+    python bench/bench_learning.py                      # everything: lr sweeps, then 5 reported seeds, both envs
+    python bench/bench_learning.py --envs multihop --jobs 2
+    python bench/bench_learning.py --report             # tables and plots from the runs already finished
 
-Every run is one `python train.py ...` process (its exact command is in results/learning.json), 1 thread
-each, `--jobs` at a time. Finished runs (a complete metrics.jsonl) are kept under runs/bench_learning/ and
-skipped, so an interrupted benchmark picks up where it stopped. All methods of one seed share the warm start
-(same seed, same demonstrations, same supervised steps: their iteration-0 evaluations are equal) and the same
-number of episodes per iteration; environment steps differ with episode lengths and are reported.
-Our results and run times (2 busy cores, up to 5 runs sharing them) are in the README, section "Learning comparison".
+Protocol (nothing reported was used to choose anything):
+1. Sweep. Every method runs at each learning rate of LRS on the tuning seeds, on a task that is never reported:
+   multihop in another fictional world (kb_seed 1; the reported world is kb_seed 0). A method's lr is the one with
+   the highest mean AUC of held-out greedy success over the tuning seeds (ties: the smaller lr). The same lr is
+   used for both envs (an ALFWorld sweep would cost more than the whole report on 2 cores).
+2. Report. Every method at its chosen lr on REPORT_SEEDS, held-out (eval split) greedy success. All methods of a
+   seed share the warm start (multihop: same seed, same demonstrations and supervised steps; ALFWorld: one
+   warm-start run that every run starts from), so StepPO and a baseline are compared seed by seed (paired).
+Every run is one `python train.py ...` process (its exact command is in results/learning.json), 1 thread, `--jobs`
+at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped, so the benchmark can be
+stopped and restarted at any time. Methods run at the authors' settings for each (train.py's defaults: k3 KL loss
+0.001, 1 epoch, gamma = lambda = 1; the step loss clips at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
 import argparse
 import json
@@ -22,33 +28,39 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {  # name -> (estimator, loss)
-    "StepPO": ("step_gae", "step"),
-    "PPO": ("token_gae", "token"),
-    "GRPO": ("grpo", "token"),
-    "RLOO": ("rloo", "token"),
-    "GiGPO": ("gigpo", "step"),
-    "StepGAE-tokenloss": ("step_gae", "token"),  # ablation: StepPO's credit with PPO's per-token ratio and clip
+METHODS = {  # name -> train.py flags; critic-free baselines use the token loss, as in the authors' scripts
+    "StepPO": ["--estimator", "step_gae", "--loss", "step"],
+    "PPO": ["--estimator", "token_gae", "--loss", "token"],
+    "GRPO": ["--estimator", "grpo", "--loss", "token"],
+    "RLOO": ["--estimator", "rloo", "--loss", "token"],
+    "GiGPO": ["--estimator", "gigpo", "--loss", "token"],
+    "REINFORCE++-baseline": ["--estimator", "reinforce_pp_baseline", "--loss", "token"],
+    "StepGAE+token-ratio": ["--estimator", "step_gae", "--loss", "token"],  # StepPO's credit, PPO's ratio and clip
+    "TokenGAE+step-ratio": ["--estimator", "token_gae", "--loss", "step"],  # PPO's credit, StepPO's ratio and clip
 }
+LRS = [1e-5, 3e-5, 1e-4]
+TUNE_SEEDS, REPORT_SEEDS = [100, 101], [0, 1, 2, 3, 4]
+TUNE = ["--env", "multihop", "--env-kwargs", '{"kb_seed": 1}']  # the tuning task: another world
 ALF = ["--max-steps", "10", "--max-new-tokens", "24", "--eval-episodes", "32",
        "--env-kwargs", '{"n_receptacles": 3, "invalid_penalty": 0.05}']
-ENV_ARGS = {  # multihop: train.py's defaults exactly (so StepPO seed 0 is the default run)
+ENV_ARGS = {  # multihop: train.py's defaults exactly (so StepPO seed 0 is `python train.py`)
     "multihop": [],
-    "alfworld": ["--iters", "8", "--envs-per-iter", "16", "--epochs", "1", "--eval-every", "2", *ALF],
+    "alfworld": ["--env", "alfworld", "--iters", "24", "--envs-per-iter", "16", "--eval-every", "4", *ALF],
 }
-# env -> flags of one warm-start-only run (train.py --iters 0) that every method and seed of that env starts
-# from (--model <warm>/final --sft-steps 0): the tiny model needs ~300 supervised steps on ALFWorld, too many to
-# repeat per run on 2 cores. Multihop runs warm-start themselves (150 steps, same seed -> same warm start).
-WARM = {"alfworld": ["--iters", "0", "--sft-steps", "300", "--sft-episodes", "128", "--seed", "0", *ALF]}
+# ALFWorld runs start from one warm-start run (train.py --iters 0, then --model <warm>/final --sft-steps 0): the
+# tiny model needs ~300 supervised steps there, too many to repeat per run on 2 cores.
+WARM = {"alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "300", "--sft-episodes", "128", "--seed", "0",
+                     *ALF]}
 
 
-def command(env, method, seed, out, runs_dir):
-    if method == "warm":
-        return [sys.executable, "train.py", "--env", env, "--out", out, *WARM[env]]
-    est, loss = METHODS[method]
-    warm = ["--model", os.path.join(runs_dir, env, "warm", "final"), "--sft-steps", "0"] if env in WARM else []
-    return [sys.executable, "train.py", "--env", env, "--estimator", est, "--loss", loss, "--seed", str(seed),
-            "--out", out, *warm, *ENV_ARGS[env]]
+def command(job):
+    env, out = job["env"], job["out"]
+    if job["method"] == "warm":
+        return [sys.executable, "train.py", "--out", out, *WARM[env]]
+    base = TUNE if env == "tune" else ENV_ARGS[env]
+    warm = ["--model", os.path.join(ARGS.runs_dir, env, "warm", "final"), "--sft-steps", "0"] if env in WARM else []
+    return [sys.executable, "train.py", *METHODS[job["method"]], "--lr", str(job["lr"]), "--seed", str(job["seed"]),
+            "--out", out, *warm, *base]
 
 
 def metrics(out):
@@ -56,126 +68,184 @@ def metrics(out):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def finished(out, iters):
-    """The run in `out` got to its final evaluation row."""
-    rows = metrics(out)
-    return bool(rows) and rows[-1]["iter"] == iters and "eval_success_rate" in rows[-1]
-
-
 def flag(cmd, name, default):
     return type(default)(cmd[cmd.index(name) + 1]) if name in cmd else default
 
 
+def finished(job):
+    """The run got to its final evaluation row."""
+    rows = metrics(job["out"])
+    return bool(rows) and rows[-1]["iter"] == flag(job["cmd"], "--iters", 30) and "eval_success_rate" in rows[-1]
+
+
 def run_all(jobs):
-    """Run what is not finished yet, ARGS.jobs processes at a time; each run's folder gets bench_stats.json
-    with its wall time and peak resident memory."""
-    todo = [r for r in jobs if not finished(r["out"], r["iters"])]
+    """Run the unfinished jobs, ARGS.jobs processes at a time; each run's folder gets bench_stats.json (wall time
+    and peak resident memory of that process, from os.wait4)."""
+    todo = [j for j in jobs if not finished(j)]
     running = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     while todo or running:
         while todo and len(running) < ARGS.jobs:
-            r = todo.pop(0)
-            os.makedirs(os.path.join(ROOT, r["out"]), exist_ok=True)
-            log = open(os.path.join(ROOT, r["out"], "train.log"), "w")
-            p = subprocess.Popen(r["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[p.pid] = (r, time.time(), log)
-            print(f"start {' '.join(r['cmd'][1:])}", flush=True)
-        pid, status, usage = os.wait4(-1, 0)  # per-child peak RSS (ru_maxrss, KiB on Linux)
-        r, t0, log = running.pop(pid)
+            j = todo.pop(0)
+            os.makedirs(os.path.join(ROOT, j["out"]), exist_ok=True)
+            log = open(os.path.join(ROOT, j["out"], "train.log"), "w")
+            p = subprocess.Popen(j["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[p.pid] = (j, time.time(), log)
+            print(f"start {' '.join(j['cmd'][1:])}", flush=True)
+        pid, status, usage = os.wait4(-1, 0)
+        j, t0, log = running.pop(pid)
         log.close()
         if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(r['cmd'])}; see {r['out']}/train.log")
-        stats = {"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024}
-        with open(os.path.join(ROOT, r["out"], "bench_stats.json"), "w") as f:
-            json.dump(stats, f)
-        print(f"done in {stats['wall_s']:.0f} s: {r['out']}", flush=True)
+            sys.exit(f"failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(j['cmd'])}; see {j['out']}/train.log")
+        with open(os.path.join(ROOT, j["out"], "bench_stats.json"), "w") as f:
+            json.dump({"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024}, f)
+        print(f"done in {time.time() - t0:.0f} s: {j['out']}", flush=True)
 
 
-def summarize(r):
-    """Eval curve, final eval, normalised area under the eval curve, env steps, wall time, peak RSS of one run."""
-    rows = metrics(r["out"])
-    ev = [(row["iter"], row["eval_success_rate"]) for row in rows if "eval_success_rate" in row]
-    it, sr = np.array(ev, dtype=float).T
-    envs_per_iter = flag(r["cmd"], "--envs-per-iter", 32)
-    bench = json.load(open(os.path.join(ROOT, r["out"], "bench_stats.json")))
+def summarize(job):
+    """Eval curve, start, final, AUC (mean held-out success over the run: trapezoid over iterations), env steps,
+    wall time and peak RSS of one finished run."""
+    rows = metrics(job["out"])
+    it, sr = np.array([(r["iter"], r["eval_success_rate"]) for r in rows if "eval_success_rate" in r], dtype=float).T
+    stats_path = os.path.join(ROOT, job["out"], "bench_stats.json")
+    bench = json.load(open(stats_path)) if os.path.exists(stats_path) else {"wall_s": None, "peak_rss_mib": None}
+    per_iter = flag(job["cmd"], "--envs-per-iter", 32)
     return {"iters": it.tolist(), "eval": sr.tolist(), "start": sr[0], "final": sr[-1],
-            "auc": float(np.trapezoid(sr, it) / max(it[-1] - it[0], 1)),  # mean eval success over training
-            "env_steps": sum(row["mean_steps"] * envs_per_iter for row in rows if "mean_steps" in row),
-            "invalid_rate_last": next((row["invalid_rate"] for row in rows[::-1] if "invalid_rate" in row), None),
-            "wall_s": bench["wall_s"], "peak_rss_mib": bench["peak_rss_mib"]}
+            "auc": float(np.trapezoid(sr, it) / max(it[-1] - it[0], 1)),
+            "env_steps": sum(r["mean_steps"] * per_iter for r in rows if "mean_steps" in r), **bench,
+            "cmd": " ".join(["python"] + job["cmd"][1:])}
 
 
-def spread(xs):
-    return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0,
-            "min": float(np.min(xs)), "max": float(np.max(xs))}
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantile, 1..10 dof
 
 
-def report(warm, jobs, out_dir):
+def ci95(xs):
+    """Mean and the half-width of the 95% confidence interval of the mean (Student t, n - 1 dof)."""
+    xs = np.asarray(xs, dtype=float)
+    if len(xs) < 2:
+        return float(xs.mean()), float("nan")
+    t = T975[len(xs) - 2] if len(xs) <= len(T975) + 1 else 1.96
+    return float(xs.mean()), float(t * xs.std(ddof=1) / np.sqrt(len(xs)))
+
+
+def choose_lrs(sweep):
+    """Rule 2 of the protocol: per method, the lr with the highest mean tuning AUC (ties: the smaller lr)."""
+    chosen, table = {}, {}
+    for m in ARGS.methods:
+        scores = {}
+        for lr in LRS:
+            done = [summarize(j)["auc"] for j in sweep if j["method"] == m and j["lr"] == lr and finished(j)]
+            if len(done) == len(TUNE_SEEDS):
+                scores[lr] = float(np.mean(done))
+        table[m] = scores
+        if len(scores) == len(LRS):
+            chosen[m] = max(LRS, key=lambda lr: (scores[lr], -lr))
+    return chosen, table
+
+
+def jobs_for(env, methods_lr, seeds, method_list):
+    out = []
+    for seed in seeds:
+        for m in method_list:
+            if m not in methods_lr:
+                continue
+            lrs = methods_lr[m] if isinstance(methods_lr[m], list) else [methods_lr[m]]
+            for lr in lrs:
+                j = {"env": env, "method": m, "seed": seed, "lr": lr,
+                     "out": os.path.join(ARGS.runs_dir, env, m, f"lr{lr:g}", f"seed{seed}")}
+                out.append(dict(j, cmd=command(j)))
+    return out
+
+
+def report(sweep, chosen, table, runs, warm):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per run, "
-                          f"{ARGS.jobs} runs at a time", "runs": [], "summary": {}, "warm_starts": {}}
-    for r in warm:
-        if finished(r["out"], 0):
-            results["warm_starts"][r["env"]] = dict(summarize(r), cmd=" ".join(["python"] + r["cmd"][1:]))
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per run, "
+                      f"{ARGS.jobs} runs at a time", "lrs": LRS, "tune_seeds": TUNE_SEEDS, "report_seeds": REPORT_SEEDS,
+           "sweep": [dict(j, **summarize(j)) for j in sweep if finished(j)], "sweep_auc": table, "chosen_lr": chosen,
+           "warm_starts": {w["env"]: summarize(w) for w in warm if finished(w)}, "runs": [], "summary": {}, "paired": {}}
+    lines = ["| env | method | lr | seeds | eval at start | final eval (95% CI) | AUC (95% CI) | env steps | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    paired = ["| env | StepPO minus | final: mean diff (95% CI) | AUC: mean diff (95% CI) | seeds StepPO better / worse (AUC) |",
+              "|---|---|---|---|---|"]
     for env in ARGS.envs:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for method in ARGS.methods:
-            done = [r for r in jobs if r["env"] == env and r["method"] == method and finished(r["out"], r["iters"])]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        by_method = {}
+        for m in ARGS.methods:
+            done = sorted((j for j in runs if j["env"] == env and j["method"] == m and finished(j)), key=lambda j: j["seed"])
             if not done:
                 continue
-            runs = [dict(r, **summarize(r), cmd=" ".join(["python"] + r["cmd"][1:])) for r in done]
-            results["runs"] += runs
-            results["summary"][f"{env}/{method}"] = {k: spread([x[k] for x in runs]) for k in
-                                                     ("start", "final", "auc", "env_steps", "wall_s", "peak_rss_mib")}
-            results["summary"][f"{env}/{method}"]["seeds"] = [r["seed"] for r in runs]
-            curves = np.array([x["eval"] for x in runs])
+            s = [dict(j, **summarize(j)) for j in done]
+            by_method[m] = {x["seed"]: x for x in s}
+            res["runs"] += s
+            f, fh = ci95([x["final"] for x in s])
+            a, ah = ci95([x["auc"] for x in s])
+            st, _ = ci95([x["start"] for x in s])
+            res["summary"][f"{env}/{m}"] = {"lr": s[0]["lr"], "seeds": [x["seed"] for x in s], "start": st, "final": f,
+                                            "final_ci95": fh, "auc": a, "auc_ci95": ah,
+                                            "env_steps": float(np.mean([x["env_steps"] for x in s])),
+                                            "wall_s": float(np.mean([x["wall_s"] or 0 for x in s]))}
+            lines.append(f"| {env} | {m} | {s[0]['lr']:g} | {len(s)} | {st:.3f} | {f:.3f} ± {fh:.3f} | {a:.3f} ± {ah:.3f} "
+                         f"| {np.mean([x['env_steps'] for x in s]):.0f} | {np.mean([x['wall_s'] or 0 for x in s]):.0f} |")
+            curves = np.array([x["eval"] for x in s])
             mean = curves.mean(0)
-            line, = ax.plot(runs[0]["iters"], mean, "o-", ms=3, label=f"{method} (n={len(runs)})")
-            ax.fill_between(runs[0]["iters"], curves.min(0), curves.max(0), alpha=0.12, color=line.get_color())
-        ax.set_title(f"{env}: held-out greedy success, mean and min-max over seeds", fontsize=10)
-        ax.set(xlabel="iteration", ylabel="eval success rate", ylim=(0, max(0.25, ax.get_ylim()[1])))
-        ax.legend(fontsize=7, ncol=3, loc="upper left")
+            half = [ci95(c)[1] for c in curves.T] if len(s) > 1 else np.zeros_like(mean)
+            line, = ax.plot(s[0]["iters"], mean, "o-", ms=3, label=f"{m} (lr {s[0]['lr']:g}, n={len(s)})",
+                            lw=2.2 if m == "StepPO" else 1.2)
+            ax.fill_between(s[0]["iters"], mean - half, mean + half, alpha=0.12, color=line.get_color())
+        for m, per_seed in by_method.items():
+            if m == "StepPO" or "StepPO" not in by_method:
+                continue
+            seeds = sorted(set(per_seed) & set(by_method["StepPO"]))
+            if len(seeds) < 2:
+                continue
+            d_final = [by_method["StepPO"][k]["final"] - per_seed[k]["final"] for k in seeds]
+            d_auc = [by_method["StepPO"][k]["auc"] - per_seed[k]["auc"] for k in seeds]
+            (df, dfh), (da, dah) = ci95(d_final), ci95(d_auc)
+            better, worse = sum(d > 0 for d in d_auc), sum(d < 0 for d in d_auc)
+            res["paired"][f"{env}/{m}"] = {"seeds": seeds, "final_diff": df, "final_diff_ci95": dfh, "auc_diff": da,
+                                           "auc_diff_ci95": dah, "stepppo_better": better, "stepppo_worse": worse}
+            paired.append(f"| {env} | {m} | {df:+.3f} ± {dfh:.3f} | {da:+.3f} ± {dah:.3f} | {better} / {worse} |")
+        ax.set_title(f"{env}: held-out greedy success, mean over seeds with 95% CI", fontsize=10)
+        ax.set(xlabel="iteration", ylabel="eval success rate", ylim=(0, max(0.3, ax.get_ylim()[1])))
+        ax.legend(fontsize=6.5, ncol=2, loc="upper left")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"learning_{env}.png"), dpi=120)
+        fig.savefig(os.path.join(ROOT, "bench", "results", f"learning_{env}.png"), dpi=120)
         plt.close(fig)
-    with open(os.path.join(out_dir, "learning.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    lines = ["| env | method | seeds | eval at start | final eval | AUC (mean eval) | env steps | wall s/run | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for env, w in results["warm_starts"].items():
-        lines.append(f"| {env} | warm start only (shared by all runs) | 1 | | {w['final']:.2f} | | | {w['wall_s']:.0f} "
-                     f"| {w['peak_rss_mib']:.0f} |")
-    for key, s in results["summary"].items():
-        env, method = key.split("/")
-        pm = lambda k, d=2: f"{s[k]['mean']:.{d}f} ± {s[k]['std']:.{d}f}"  # noqa: E731
-        lines.append(f"| {env} | {method} | {len(s['seeds'])} | {pm('start')} | {pm('final')} "
-                     f"[{s['final']['min']:.2f}, {s['final']['max']:.2f}] | {pm('auc')} | {s['env_steps']['mean']:.0f} "
-                     f"| {s['wall_s']['mean']:.0f} | {s['peak_rss_mib']['max']:.0f} |")
-    with open(os.path.join(out_dir, "learning.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    sweep_lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
+                   "|---|" + "---|" * (len(LRS) + 1)]
+    for m, scores in table.items():
+        sweep_lines.append(f"| {m} | " + " | ".join(f"{scores[lr]:.3f}" if lr in scores else "" for lr in LRS)
+                           + f" | {chosen.get(m, ''):g} |" if m in chosen else f"| {m} | (incomplete) |")
+    text = ("## Learning-rate sweep (tuning world kb_seed 1, seeds " + ", ".join(map(str, TUNE_SEEDS))
+            + "; mean AUC of held-out success)\n\n" + "\n".join(sweep_lines)
+            + "\n\n## Report (eval split, seeds " + ", ".join(map(str, REPORT_SEEDS)) + ")\n\n" + "\n".join(lines)
+            + "\n\n## Paired: StepPO minus each method, same seeds and warm starts\n\n" + "\n".join(paired) + "\n")
+    with open(os.path.join(ROOT, "bench", "results", "learning.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(ROOT, "bench", "results", "learning.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", nargs="+", default=list(ENV_ARGS), choices=list(ENV_ARGS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--runs-dir", default="runs/bench_learning", help="relative to the repository root")
     p.add_argument("--report", action="store_true", help="only summarise the runs already finished")
     ARGS = p.parse_args()
 
-    def job(env, method, seed):
-        out = os.path.join(ARGS.runs_dir, env, method, *([] if method == "warm" else [f"seed{seed}"]))
-        cmd = command(env, method, seed, out, ARGS.runs_dir)
-        return {"env": env, "method": method, "seed": seed, "iters": flag(cmd, "--iters", 30), "out": out, "cmd": cmd}
-
-    warm = [job(e, "warm", 0) for e in ARGS.envs if e in WARM]
-    jobs = [job(e, m, s) for e in ARGS.envs for s in ARGS.seeds for m in ARGS.methods]
+    sweep = jobs_for("tune", {m: LRS for m in ARGS.methods}, TUNE_SEEDS, ARGS.methods)
     if not ARGS.report:
-        run_all(warm)  # first: the runs of that env start from it
-        run_all(jobs)
-    report(warm, jobs, os.path.join(ROOT, "bench", "results"))
+        run_all(sweep)
+    chosen, table = choose_lrs(sweep)
+    warm = [dict(j, cmd=command(j)) for j in ({"env": e, "method": "warm", "seed": 0, "lr": None,
+                                                "out": os.path.join(ARGS.runs_dir, e, "warm")} for e in ARGS.envs if e in WARM)]
+    runs = [j for e in ARGS.envs for j in jobs_for(e, chosen, REPORT_SEEDS, ARGS.methods)]
+    if not ARGS.report:
+        run_all(warm)
+        run_all(runs)
+    report(sweep, chosen, table, runs, warm)

@@ -123,11 +123,14 @@ class MultiHopEnv:
     """One question per episode (see the module docstring for the protocol)."""
 
     def __init__(self, split="train", kb_seed=0, max_steps=8, invalid_penalty=0.0, n_people=12, n_companies=6,
-                 n_products=8, min_hops=2, max_hops=4):
+                 n_products=8, min_hops=2, max_hops=4, worlds="shared"):
         if split not in ("train", "eval"):
             raise ValueError("split must be 'train' or 'eval', not %r" % (split,))
+        if worlds not in ("shared", "per_task"):
+            raise ValueError("worlds must be 'shared' or 'per_task', not %r" % (worlds,))
         self.split, self.max_steps, self.invalid_penalty = split, max_steps, invalid_penalty
         self.system_prompt = SYSTEM_PROMPT
+        self.worlds, self.kb_seed, self.sizes, self.hops = worlds, kb_seed, (n_people, n_companies, n_products), (min_hops, max_hops)
         self.kb = build_kb(kb_seed, n_people, n_companies, n_products)
         self.index = {normalize(n): n for n in self.kb}
         chains = all_chains(self.kb, min_hops, max_hops)
@@ -140,13 +143,22 @@ class MultiHopEnv:
         return len(self.tasks)
 
     def reset(self, seed):
-        start, rels = self.tasks[seed % len(self.tasks)]
+        if self.worlds == "per_task":  # a fresh world per task: train and eval worlds never coincide
+            world = self.kb_seed * 1_000_003 + 2 * seed + (self.split == "eval")
+            self.kb = build_kb(world, *self.sizes)
+            self.index = {normalize(n): n for n in self.kb}
+            chains = all_chains(self.kb, *self.hops)
+            start, rels = chains[random.Random(world).randrange(len(chains))]
+        else:
+            start, rels = self.tasks[seed % len(self.tasks)]
         self.question = question(start, rels)
         self.path = [start]  # entities the minimal chain searches
         for r in rels:
             self.path.append(self.kb[self.path[-1]][r])
         self.gold = self.path[-1]
         self.task_id = "multihop/%s/%s/%s" % (self.split, start, "/".join(rels))
+        if self.worlds == "per_task":
+            self.task_id += "/world%d" % seed
         self.t, self.done, self.won, self.found, self.trace = 0, False, False, set(), []
         obs = "Question: %s\nSearch with <action>search[name]</action>; answer with <action>answer[text]</action>." % self.question
         return obs, self._info(False)

@@ -230,6 +230,25 @@ def test_multihop_determinism_and_splits():
     assert not {a.reset(s)[1]["task_id"] for s in range(len(a))} & {ev.reset(s)[1]["task_id"] for s in range(len(ev))}
 
 
+def test_multihop_per_task_worlds():
+    """worlds="per_task": every task seed draws its own knowledge base, so a policy must read the fact cards; the
+    same seed gives the same world and question, train and eval never share a world, and the expert wins."""
+    tr, ev = envs.make("multihop", worlds="per_task"), envs.make("multihop", split="eval", worlds="per_task")
+    again = envs.make("multihop", worlds="per_task")
+    kbs = set()
+    for seed in range(40):
+        for env in (tr, ev):
+            info, reward, _ = play_expert(env, seed)
+            assert info["won"] and reward == 1.0
+        kbs.add(("train", str(sorted(tr.kb.items()))))
+        kbs.add(("eval", str(sorted(ev.kb.items()))))
+        assert tr.reset(seed) == again.reset(seed) and tr.kb == again.kb
+    train_worlds = {k for split, k in kbs if split == "train"}
+    assert len(train_worlds) == 40 and not train_worlds & {k for split, k in kbs if split == "eval"}
+    with pytest.raises(ValueError, match="worlds"):
+        envs.make("multihop", worlds="mixed")
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry and plugins
 # ---------------------------------------------------------------------------------------------
