@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-TINY = "tiny-qwen2-v1"  # bump the version when the recipe below changes
+TINY = "tiny-qwen2-v3"  # bump the version when the recipe below changes (v3: multihop names in the BPE corpus)
 HAVE_ALFWORLD = importlib.util.find_spec("alfworld") is not None  # its texts go into the tiny BPE's corpus
 SMOLLM2 = "smollm2-135m"
 CHAT_TEMPLATE = (
@@ -90,6 +90,8 @@ def _corpus() -> list[str]:
         env = envs.make(name)
         text.append(env.system_prompt)
         text += [env.reset(seed=s)[0] for s in range(5)]
+    from envs.multihop import build_kb, card  # the fact cards of 30 worlds: names become a few tokens each, as a
+    text += [card(kb, n) for kb in map(build_kb, range(30)) for n in kb]  # real LLM's tokenizer knows common names
     return text
 
 

@@ -78,7 +78,7 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 5  # evaluate every this many iterations (and at the start and the end)
     eval_episodes: int = 64  # held-out (split=eval) episodes per evaluation, greedy
-    eval_split: str = "eval"  # eval (held out) | train: tune settings without looking at the held-out tasks
+    eval_split: str = "eval"  # eval (held out) | valid (multihop) | train: choose settings without the eval tasks
     seed: int = 0  # everything random derives from it
     out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt.pt, final/, curve.png
     resume: bool = False  # continue from <out>/ckpt.pt
@@ -113,8 +113,8 @@ def check_config(cfg: Config):
         return f"--estimator must be one of {', '.join(ESTIMATORS)}, not {cfg.estimator!r}"
     if cfg.loss not in ("step", "token"):
         return f"--loss must be step or token, not {cfg.loss!r}"
-    if cfg.eval_split not in ("eval", "train"):
-        return f"--eval-split must be eval or train, not {cfg.eval_split!r}"
+    if cfg.eval_split not in ("eval", "valid", "train"):
+        return f"--eval-split must be eval, valid or train, not {cfg.eval_split!r}"
     if cfg.context not in ("full", "window"):
         return f"--context must be full or window, not {cfg.context!r}"
     if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
@@ -144,7 +144,8 @@ def check_config(cfg: Config):
     except (ValueError, AssertionError):
         return f"--env-kwargs must be a JSON object, not {cfg.env_kwargs!r}"
     try:
-        envs.make(cfg.env, split="train", **kwargs)
+        for split in {"train", cfg.eval_split}:
+            envs.make(cfg.env, split=split, **kwargs)
     except Exception as e:  # unknown name, broken plugin, missing data: say so now, not mid-run
         return f"--env {cfg.env!r}: {e}"
     return None

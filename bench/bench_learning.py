@@ -5,10 +5,10 @@
     python bench/bench_learning.py --report             # tables and plots from the runs already finished
 
 Protocol (nothing reported was used to choose anything):
-1. Sweep. Every method runs at each learning rate of LRS on the tuning seeds, on a task that is never reported:
-   multihop in another fictional world (kb_seed 1; the reported world is kb_seed 0). A method's lr is the one with
-   the highest mean AUC of held-out greedy success over the tuning seeds (ties: the smaller lr). The same lr is
-   used for both envs (an ALFWorld sweep would cost more than the whole report on 2 cores).
+1. Sweep. Every method runs at each learning rate of LRS on the tuning seeds (never reported), evaluated on the
+   multihop validation split (questions disjoint from both train and eval, `--eval-split valid`). A method's lr is
+   the one with the highest mean AUC of validation success over the tuning seeds (ties: the smaller lr). The
+   same lr is used for both envs (an ALFWorld sweep would cost more than the whole report on 2 cores).
 2. Report. Every method at its chosen lr on REPORT_SEEDS, held-out (eval split) greedy success. All methods of a
    seed share the warm start (multihop: same seed, same demonstrations and supervised steps; ALFWorld: one
    warm-start run that every run starts from), so StepPO and a baseline are compared seed by seed (paired).
@@ -40,7 +40,7 @@ METHODS = {  # name -> train.py flags; critic-free baselines use the token loss,
 }
 LRS = [1e-5, 3e-5, 1e-4]
 TUNE_SEEDS, REPORT_SEEDS = [100, 101], [0, 1, 2, 3, 4]
-TUNE = ["--env", "multihop", "--env-kwargs", '{"kb_seed": 1}']  # the tuning task: another world
+TUNE = ["--env", "multihop", "--eval-split", "valid"]  # choose on the validation questions, never on eval
 ALF = ["--max-steps", "10", "--max-new-tokens", "24", "--eval-episodes", "32",
        "--env-kwargs", '{"n_receptacles": 3, "invalid_penalty": 0.05}']
 ENV_ARGS = {  # multihop: train.py's defaults exactly (so StepPO seed 0 is `python train.py`)
@@ -218,8 +218,8 @@ def report(sweep, chosen, table, runs, warm):
     for m, scores in table.items():
         sweep_lines.append(f"| {m} | " + " | ".join(f"{scores[lr]:.3f}" if lr in scores else "" for lr in LRS)
                            + f" | {chosen.get(m, ''):g} |" if m in chosen else f"| {m} | (incomplete) |")
-    text = ("## Learning-rate sweep (tuning world kb_seed 1, seeds " + ", ".join(map(str, TUNE_SEEDS))
-            + "; mean AUC of held-out success)\n\n" + "\n".join(sweep_lines)
+    text = ("## Learning-rate sweep (multihop validation split, seeds " + ", ".join(map(str, TUNE_SEEDS))
+            + "; mean AUC of validation success)\n\n" + "\n".join(sweep_lines)
             + "\n\n## Report (eval split, seeds " + ", ".join(map(str, REPORT_SEEDS)) + ")\n\n" + "\n".join(lines)
             + "\n\n## Paired: StepPO minus each method, same seeds and warm starts\n\n" + "\n".join(paired) + "\n")
     with open(os.path.join(ROOT, "bench", "results", "learning.json"), "w") as f:

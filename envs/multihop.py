@@ -13,8 +13,10 @@ X2?") and names only the first entity, so answering takes one search per hop. Ac
 
 Anything else is invalid (`info["invalid"]`, reward `-invalid_penalty`, the episode goes on). The expert
 searches the chain's entities in order and then answers, so an expert episode takes hops + 1 steps.
-`split="train"` and `split="eval"` draw questions from disjoint halves of all chains of the knowledge
-base (same KB, so eval measures generalisation to new questions, not new facts). Pure Python.
+`split="train"`, `"valid"` and `"eval"` draw questions from disjoint parts (62.5%, 12.5%, 25%) of all chains of
+the knowledge base (same KB, so eval measures generalisation to new questions, not new facts); valid is for
+choosing settings without looking at eval. `worlds="per_task"` draws a fresh KB for every task instead (train,
+valid and eval never share a world). Pure Python.
 
 Observations: `reset` returns the question (and the action format); `step` returns the search result.
 `info["prompt"]` is a fresh self-contained message: the question and every search result so far
@@ -124,8 +126,8 @@ class MultiHopEnv:
 
     def __init__(self, split="train", kb_seed=0, max_steps=8, invalid_penalty=0.0, n_people=12, n_companies=6,
                  n_products=8, min_hops=2, max_hops=4, worlds="shared"):
-        if split not in ("train", "eval"):
-            raise ValueError("split must be 'train' or 'eval', not %r" % (split,))
+        if split not in ("train", "valid", "eval"):
+            raise ValueError("split must be 'train', 'valid' or 'eval', not %r" % (split,))
         if worlds not in ("shared", "per_task"):
             raise ValueError("worlds must be 'shared' or 'per_task', not %r" % (worlds,))
         self.split, self.max_steps, self.invalid_penalty = split, max_steps, invalid_penalty
@@ -135,8 +137,9 @@ class MultiHopEnv:
         self.index = {normalize(n): n for n in self.kb}
         chains = all_chains(self.kb, min_hops, max_hops)
         random.Random(kb_seed + 1).shuffle(chains)
-        n_eval = max(1, len(chains) // 4)  # 75% train / 25% eval, disjoint
-        self.tasks = chains[n_eval:] if split == "train" else chains[:n_eval]
+        n_eval, n_valid = max(1, len(chains) // 4), max(1, len(chains) // 8)  # 25% eval, 12.5% valid, the rest train
+        self.tasks = {"eval": chains[:n_eval], "valid": chains[n_eval:n_eval + n_valid],
+                      "train": chains[n_eval + n_valid:]}[split]
         self.done = True
 
     def __len__(self):
@@ -144,7 +147,7 @@ class MultiHopEnv:
 
     def reset(self, seed):
         if self.worlds == "per_task":  # a fresh world per task: train and eval worlds never coincide
-            world = self.kb_seed * 1_000_003 + 2 * seed + (self.split == "eval")
+            world = self.kb_seed * 1_000_003 + 3 * seed + ("train", "eval", "valid").index(self.split)
             self.kb = build_kb(world, *self.sizes)
             self.index = {normalize(n): n for n in self.kb}
             chains = all_chains(self.kb, *self.hops)

@@ -193,7 +193,7 @@ def test_alfworld_prompt_window(small_pools):
 # ---------------------------------------------------------------------------------------------
 # Multi-hop QA
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("split", ["train", "valid", "eval"])
 def test_multihop_expert_wins_every_task(split):
     env = envs.make("multihop", split=split)
     hops = collections.Counter()
@@ -225,26 +225,28 @@ def test_multihop_bad_responses_and_answers():
 def test_multihop_determinism_and_splits():
     a, b = envs.make("multihop"), envs.make("multihop")
     assert [a.reset(s) for s in range(5)] == [b.reset(s) for s in range(5)]
-    ev = envs.make("multihop", split="eval")
-    assert not set(map(str, a.tasks)) & set(map(str, ev.tasks))
-    assert not {a.reset(s)[1]["task_id"] for s in range(len(a))} & {ev.reset(s)[1]["task_id"] for s in range(len(ev))}
+    ev, va = envs.make("multihop", split="eval"), envs.make("multihop", split="valid")
+    for x, y in ((a, ev), (a, va), (va, ev)):
+        assert not set(map(str, x.tasks)) & set(map(str, y.tasks))
+        assert not {x.reset(s)[1]["task_id"] for s in range(len(x))} & {y.reset(s)[1]["task_id"] for s in range(len(y))}
+    assert (len(a), len(va), len(ev)) == (93, 18, 37)
 
 
 def test_multihop_per_task_worlds():
     """worlds="per_task": every task seed draws its own knowledge base, so a policy must read the fact cards; the
     same seed gives the same world and question, train and eval never share a world, and the expert wins."""
     tr, ev = envs.make("multihop", worlds="per_task"), envs.make("multihop", split="eval", worlds="per_task")
+    va = envs.make("multihop", split="valid", worlds="per_task")
     again = envs.make("multihop", worlds="per_task")
     kbs = set()
     for seed in range(40):
-        for env in (tr, ev):
+        for env in (tr, ev, va):
             info, reward, _ = play_expert(env, seed)
             assert info["won"] and reward == 1.0
-        kbs.add(("train", str(sorted(tr.kb.items()))))
-        kbs.add(("eval", str(sorted(ev.kb.items()))))
+            kbs.add((env.split, str(sorted(env.kb.items()))))
         assert tr.reset(seed) == again.reset(seed) and tr.kb == again.kb
     train_worlds = {k for split, k in kbs if split == "train"}
-    assert len(train_worlds) == 40 and not train_worlds & {k for split, k in kbs if split == "eval"}
+    assert len(train_worlds) == 40 and not train_worlds & {k for split, k in kbs if split != "train"}
     with pytest.raises(ValueError, match="worlds"):
         envs.make("multihop", worlds="mixed")
 

@@ -91,7 +91,8 @@ def test_resume_errors_are_clear(tmp_path):
     (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
     (["--step-clip-low", "-1"], "must be >= 0"),
     (["--gamma", "1.5"], "--gamma and --lam"),
-    (["--eval-split", "test"], "--eval-split must be eval or train"),
+    (["--eval-split", "test"], "--eval-split must be eval, valid or train"),
+    (["--env", "alfworld", "--eval-split", "valid"], "split must be"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
 ])
 def test_bad_flags_fail_before_work(flags, message, capsys):
