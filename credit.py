@@ -21,6 +21,12 @@ def _masked(x, mask):
     return torch.where(mask > 0, x, torch.zeros_like(x))
 
 
+def group_index(keys: list) -> torch.Tensor:
+    """(n,) ids: equal keys (a task id, an anchor state) get the same id, numbered in order of first appearance."""
+    ids = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
+
+
 def step_gae(rewards, values, step_mask, gamma, lam, bootstrap=None):
     """Step-level GAE (StepPO step-level credit assignment; GAE of Schulman et al. 2016 over turns). All inputs/outputs (N, T).
 
