@@ -126,7 +126,9 @@ class HFEngine:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # synced_gpus=False: transformers turns it on for an FSDP-sharded model (an all-reduce per token, so every
+            # process would have to call generate as often); the trainer gathers the weights first (scale.unsharded)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False)
         new = out.sequences[:, P:]  # (B, T) sampled ids, pad after EOS
         # out.logits: T tensors (B, V) of raw (unprocessed) logits; gather one step at a time to bound memory
         lps = torch.stack([torch.log_softmax(l.float(), -1).gather(1, new[:, t, None]).squeeze(1)
