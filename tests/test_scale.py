@@ -252,3 +252,20 @@ def test_critic_value_head_stays_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         v = critic(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
     assert v.dtype == torch.float32
+
+
+def test_gpu_smoke_runs_every_setting_at_toy_size_on_cpu(tmp_path):
+    """bench/gpu_smoke.py, as on a GPU but with a 2-layer model on CPU (gloo): every setting runs 2 iterations."""
+    out = tmp_path / "smoke.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_smoke.py"), "--size", "toy", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out) as f:
+        report = json.load(f)
+    assert [s["setting"] for s in report["settings"]] == ["fp32-ddp", "bf16-ckpt", "bf16-ckpt-micro", "fsdp-bf16-ckpt",
+                                                          "fsdp-bf16-ckpt-micro"]
+    for s in report["settings"]:
+        assert s["status"] == "ok", (s["setting"], s["error"])
+        assert len(s["seconds"]) == 2 and set(s["seconds"][0]) == {"rollout", "credit", "logprobs", "update", "sync"}
+        assert s["peak_gib"]["max"] > 0 and min(s["gen_tokens_per_s"]) > 0 and min(s["train_tokens_per_s"]) > 0
+        assert s["skipped_updates"] == 0
