@@ -491,6 +491,7 @@ def main(cfg: Config):
     if isinstance(engine, VLLMEngine):
         engine.close()  # vLLM tears down the process groups it made inside ours: before ours goes
     if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing gloo down while another still works can hang in its destructor
         dist.destroy_process_group()
 
 

@@ -155,6 +155,9 @@ def child(args):
     if rank == 0:
         with open(args.json, "w") as f:
             json.dump(res, f)
+    if world > 1 and res["status"] == "ok":  # leave together (see the end of train.main)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main():

@@ -68,6 +68,7 @@ def main(out, extra):
         weights = {"policy": scale.full_state_dict(policy), "critic": scale.full_state_dict(critic)}
         if rank == 0:
             torch.save(weights, os.path.join(out, f"{mode}-weights.pt"))
+    torch.distributed.barrier()  # leave together (see the end of train.main)
     torch.distributed.destroy_process_group()
 
 
