@@ -119,7 +119,8 @@ def prepare(model, cfg, device, train=True):
                 fully_shard(m, mesh=mesh, mp_policy=mp)
         if hasattr(model, "head"):  # Critic: head(h.float()) needs fp32 weights, not the root's bf16
             fully_shard(model.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
-        return fully_shard(model, mesh=mesh, mp_policy=mp)
+        # the root keeps its weights gathered from forward to backward; the reference has no backward: it reshards
+        return fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if train else True)
     if dtype != torch.float32:  # every forward (the losses', generate's) under autocast; backward outside it
         model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     return DDP(model) if train and dist.is_initialized() else model
