@@ -179,7 +179,7 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_checkpoints_keep_the_newest_two_and_save_every(tmp_path):
-    out, _ = str(tmp_path / "run"), None
+    out = str(tmp_path / "run")
     train.main(train.parse_config(TINY + ["--iters", "4", "--save-every", "3", "--out", out]))
     assert sorted(d for d in os.listdir(out) if d.startswith("ckpt")) == ["ckpt-2", "ckpt-3"]  # every 3rd and the last
     meta = torch.load(os.path.join(out, "ckpt-3", "meta.pt"), weights_only=False)
