@@ -21,6 +21,12 @@ def _masked(x, mask):
     return torch.where(mask > 0, x, torch.zeros_like(x))
 
 
+def group_index(keys: list) -> torch.Tensor:
+    """(n,) ids: equal keys (a task id, an anchor state) get the same id, numbered in order of first appearance."""
+    ids = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
+
+
 def step_gae(rewards, values, step_mask, gamma, lam, bootstrap=None):
     """Step-level GAE (StepPO step-level credit assignment; GAE of Schulman et al. 2016 over turns). All inputs/outputs (N, T).
 
@@ -192,3 +198,13 @@ def gigpo(rewards, step_mask, group_ids, state_ids, gamma, step_weight=1.0, eps=
     step = torch.zeros_like(G).reshape(-1)
     step[valid] = grpo(G.reshape(-1)[valid], anchor, eps=eps)
     return (episode + step_weight * step.reshape(G.shape)) * mask
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over the entries where mask is 1 (a diagnostic of the critic, as in
+    CleanRL's PPO: 1 is a perfect critic, 0 is no better than a constant, < 0 is worse); None when Var(returns) = 0."""
+    mask = mask.to(returns.dtype)
+    n = mask.sum()
+    var = lambda x: (_masked((x - _masked(x, mask).sum() / n) ** 2, mask)).sum() / n  # noqa: E731
+    v_ret = var(returns)
+    return None if n < 1 or v_ret <= 1e-12 else (1 - var(returns - values) / v_ret).item()

@@ -198,7 +198,8 @@ class Critic(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        return self.head(h.float()).squeeze(-1)  # (B, L)
+        with torch.autocast(h.device.type, enabled=False):  # the value head in fp32 even under bf16 autocast
+            return self.head(h.float()).squeeze(-1)  # (B, L)
 
 
 def load_critic(name_or_path: str, dtype=None) -> Critic:

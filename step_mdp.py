@@ -77,8 +77,44 @@ class StepBatch:
         grid = torch.zeros(self.step_mask.shape, dtype=values.dtype, device=values.device)
         return grid.index_put((self.traj_index, self.step_index), v)
 
+    def counts(self) -> tuple[int, int, int]:
+        """(steps with at least one action token, action tokens, steps): what the losses average over."""
+        return int((self.action_step_mask.sum(1) > 0).sum()), int(self.action_step_mask.sum()), len(self.step_row)
+
     def to(self, device) -> "StepBatch":
         return StepBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+    def select_rows(self, rows: torch.Tensor) -> "StepBatch":
+        """The batch of rows `rows` (R,) only, cut to their longest row, with the steps those rows hold (in the same
+        order). traj_index / step_index keep pointing into the original trajectories; the (N, T) grids are kept whole."""
+        B, L = self.input_ids.shape
+        new_L = int(self.attention_mask[rows].sum(1).max())  # rows are right-padded
+        where = torch.full((B,), -1, dtype=torch.long)
+        where[rows] = torch.arange(len(rows))
+        keep = where[self.step_row] >= 0  # (S,) steps that live in the selected rows
+        mask = self.action_step_mask[keep]
+        index = self.action_index[keep]
+        index = torch.where(mask > 0, where[index // L] * new_L + index % L, torch.zeros_like(index))
+        return StepBatch(**{k: getattr(self, k)[rows, :new_L] for k in ("input_ids", "attention_mask", "action_mask",
+                                                                       "old_logprobs")},
+                         value_positions=self.value_positions[keep], step_row=where[self.step_row[keep]],
+                         traj_index=self.traj_index[keep], step_index=self.step_index[keep], action_index=index,
+                         action_step_mask=mask, rewards=self.rewards, step_mask=self.step_mask, terminated=self.terminated)
+
+
+def split_rows(batch: StepBatch, max_tokens: int) -> list[StepBatch]:
+    """Micro-batches of `batch` holding at most `max_tokens` padded tokens each (rows x their longest row; a longer
+    row goes alone), longest rows first. 0: [batch] itself. Every step lands in exactly one micro-batch."""
+    if not max_tokens:
+        return [batch]
+    lengths = batch.attention_mask.sum(1)
+    groups = []
+    for r in lengths.argsort(descending=True, stable=True).tolist():
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return [batch.select_rows(torch.tensor(g)) for g in groups]
 
 
 def extends(prefix: list[int], ids: list[int]) -> bool:

@@ -1,4 +1,5 @@
-"""Objectives: the step-aligned clipped policy loss of StepPO, token-level PPO's loss, the critic loss and KL.
+"""Objectives: the step-aligned clipped policy loss of StepPO, token-level PPO's loss, the critic loss and KL; and
+the forward passes that feed them (`step_logprobs`, `critic_outputs`: a model over a StepBatch of step_mdp.py).
 
 StepPO (arXiv 2604.18401, 'step-aligned policy optimization') gives each step ONE importance ratio, the
 geometric mean of its token ratios, and clips it once: the unit that is rewarded is the unit that is clipped.
@@ -46,6 +47,17 @@ def token_logprobs(logits, input_ids, chunk_tokens=None):
     for r, c in _chunks(B, L - 1, V, chunk_tokens):
         x = lg[r, c].to(out.dtype)
         shifted[r, c] = x.gather(-1, tgt[r, c]).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return out
+
+
+def gathered_logprobs(logits, targets, chunk_tokens=None):
+    """log_softmax(logits)[targets] row by row: logits (K, V) at K chosen positions, targets (K,) -> (K,), in at least
+    fp32 and chunked like token_logprobs. What the trainer uses: the LM head runs only where an action token is predicted."""
+    K, V = logits.shape
+    out = logits.new_zeros(K, dtype=torch.promote_types(logits.dtype, torch.float32))
+    for _, c in _chunks(1, K, V, chunk_tokens):
+        x = logits[c].to(out.dtype)
+        out[c] = x.gather(-1, targets[c, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
     return out
 
 
@@ -143,3 +155,37 @@ def kl_k3(logprobs, ref_logprobs, mask):
     mask = mask.to(logprobs.dtype)
     d = _masked(ref_logprobs - logprobs, mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return _masked_mean((d.exp() - d - 1).clamp(-KL_LIMIT, KL_LIMIT), mask)
+
+
+# ---------------------------------------------------------------- the forward passes that feed them (a StepBatch, step_mdp.py)
+def step_logprobs(policy, b, entropy=True, head_at_actions=True):
+    """Log-probs (S, A) of batch b's action tokens under `policy` and their mean entropy (a float; None unless asked).
+    head_at_actions: the LM head runs only at the K positions j - 1 that predict an action token j (a pre-hook hands
+    it those hidden states, inside the DDP/FSDP forward), so the logits are (K, V), never (B, L, V). Off: the head
+    runs at every position and the action rows are picked from its output: the same values, and the last bits of the
+    head's weight gradient as they always were (a GEMM over B * L rows, not K)."""
+    keep = b.action_step_mask > 0  # (S, A)
+    pos = (b.action_index - 1)[keep]  # (K,) flat positions in (B * L)
+    head = getattr(policy, "module", policy).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, 1)[pos],)) if head_at_actions else None
+    try:
+        logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (K, V) or (B, L, V)
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = logits if head_at_actions else logits.flatten(0, 1)[pos]  # (K, V)
+    lp_k = gathered_logprobs(logits, b.input_ids.flatten()[b.action_index[keep]])  # (K,)
+    lp = torch.zeros(keep.shape, dtype=lp_k.dtype, device=lp_k.device).masked_scatter(keep, lp_k)  # (S, A)
+    if not entropy:
+        return lp, None
+    ent = torch.zeros_like(lp).masked_scatter(keep, token_entropy(logits[None])[0].to(lp.dtype))  # (S, A)
+    return lp, ((ent * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)).item()
+
+
+def critic_outputs(critic, b):
+    """Step values V(s_t) (S,), read before each step's first action token, and token values (S, A), read at
+    position j - 1 for the action token at j (what token-level PPO uses)."""
+    values = critic(b.input_ids, b.attention_mask)  # (B, L)
+    v_step = values[b.step_row, b.value_positions]  # (S,)
+    v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
+    return values, v_step, v_tok

@@ -3,35 +3,36 @@
     python train.py                                        # tiny model, multihop, CPU, a few minutes
     python train.py --env alfworld --estimator grpo --loss token
     torchrun --nproc_per_node 2 train.py                   # 2 CPU processes (gloo)
-    torchrun --nproc_per_node 8 train.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --engine vllm
-    python train.py --out runs/x --resume                  # continue the run in runs/x from its checkpoint
+    torchrun --nproc_per_node 8 train.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --engine vllm \
+        --dtype bf16 --fsdp --grad-ckpt --micro-tokens 16384 --vllm-sleep 2 ...   # README: "Running at scale"
+    python train.py --out runs/x --resume                  # continue the run in runs/x from its newest checkpoint
 
 One iteration: collect trajectories -> critic values at step boundaries -> advantages (credit.py) -> `epochs`
 passes of minibatch updates (steppo_loss.py) -> engine.sync(model). DDP switches on from the RANK variable;
-each process collects its own `envs_per_iter` trajectories, gradients are averaged, rank 0 logs and saves.
+each process collects its own `envs_per_iter` trajectories, gradients are averaged, rank 0 logs. Precision,
+sharding (FSDP2), micro-batches and checkpoints are plumbing kept in scale.py.
 """
-import argparse
+import copy
 import dataclasses
-import inspect
 import json
-import math
 import os
 import random
-import re
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import credit
 import envs
-from credit import gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae, whiten
-from step_mdp import collate
-from steppo_loss import (kl_k3, step_policy_loss, token_entropy, token_logprobs, token_policy_loss, truncated_is_weights,
+import scale
+from credit import explained_variance, gigpo, group_index, grpo, rloo, step_gae, token_gae, whiten
+from scale import all_sum
+from step_mdp import collate, split_rows
+from steppo_loss import (critic_outputs, kl_k3, step_logprobs, step_policy_loss, token_policy_loss, truncated_is_weights,
                          value_loss)
 
 ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "gigpo", "reinforce_pp", "reinforce_pp_baseline")
@@ -43,8 +44,14 @@ class Config:
     env: str = "multihop"  # environment: alfworld | multihop | hotpotqa | some.module:ClassName
     env_kwargs: str = "{}"  # JSON object of constructor arguments, e.g. '{"invalid_penalty": 0.1}'
     model: str = "tiny"  # hub id, local path, tiny (built offline) or smollm2-135m
+    critic_model: str = ""  # the critic's backbone (e.g. a smaller model with the same tokenizer); empty: --model
     engine: str = "hf"  # rollout engine: hf (transformers generate) | vllm
     vllm_memory: float = 0.3  # GPU memory fraction each colocated vLLM engine may take (the trainer shares the GPU)
+    vllm_sleep: int = 0  # 1 | 2: vLLM sleeps during updates (1: weights to host memory, 2: dropped); 0: always awake
+    dtype: str = "fp32"  # fp32 | bf16: bf16 compute, fp32 master weights and Adam states (vLLM then runs bf16)
+    fsdp: bool = False  # shard policy, critic and reference with FSDP2 (under torchrun) instead of DDP
+    grad_ckpt: bool = False  # gradient (activation) checkpointing in the policy and the critic
+    micro_tokens: int = 0  # > 0: forwards of <= this many padded tokens, LM head at action tokens only; 0: one per minibatch
     estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo | reinforce_pp[_baseline]
     loss: str = "step"  # step: one clipped ratio per step (StepPO; token_gae: its mean token adv.) | token: per token
     context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
@@ -80,54 +87,35 @@ class Config:
     eval_episodes: int = 64  # held-out (split=eval) episodes per evaluation, greedy
     eval_split: str = "eval"  # eval (held out) | valid (multihop) | train: choose settings without the eval tasks
     seed: int = 0  # everything random derives from it
-    out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt.pt, final/, curve.png
-    resume: bool = False  # continue from <out>/ckpt.pt
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt-<iter>/, final/, curve.png
+    resume: bool = False  # continue from the newest <out>/ckpt-<iter>/
+    save_every: int = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
 
 
 def parse_config(argv=None) -> Config:
-    """The command line is generated from Config: one flag per field, its comment as the help, its default shown."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
-    for f in dataclasses.fields(Config):
-        flag, doc = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=doc)
-    cfg = Config(**vars(p.parse_args(argv)))
-    error = check_config(cfg)
-    if error:
-        p.error(error)  # one line on stderr, exit code 2, before any work
-    return cfg
+    """The command line, generated from Config: one flag per field, its comment as the help, its default shown."""
+    return scale.parse_dataclass(Config, __doc__, check_config, argv)
 
 
 def check_config(cfg: Config):
     """The reason `cfg` cannot run, or None."""
-    if cfg.engine not in ("hf", "vllm"):
-        return f"--engine must be hf or vllm, not {cfg.engine!r}"
-    if cfg.estimator not in ESTIMATORS:
-        return f"--estimator must be one of {', '.join(ESTIMATORS)}, not {cfg.estimator!r}"
-    if cfg.loss not in ("step", "token"):
-        return f"--loss must be step or token, not {cfg.loss!r}"
-    if cfg.eval_split not in ("eval", "valid", "train"):
-        return f"--eval-split must be eval, valid or train, not {cfg.eval_split!r}"
-    if cfg.context not in ("full", "window"):
-        return f"--context must be full or window, not {cfg.context!r}"
+    choices = {"engine": ("hf", "vllm"), "estimator": ESTIMATORS, "loss": ("step", "token"), "context": ("full", "window"),
+               "eval_split": ("eval", "valid", "train"), "dtype": tuple(scale.DTYPES), "vllm_sleep": (0, 1, 2)}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            return f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, not {getattr(cfg, name)!r}"
     if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
         return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
     if cfg.estimator in GROUPED and cfg.group_size < 2:
         return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
-    for name in ("epochs", "minibatch_size", "max_new_tokens", "eval_every", "eval_episodes"):
+    if cfg.fsdp and "RANK" not in os.environ:
+        return "--fsdp runs under torchrun (torchrun --nproc_per_node N train.py ...; N = 1 works)"
+    for name in ("epochs", "minibatch_size", "max_new_tokens", "eval_every", "eval_episodes", "save_every"):
         if getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
-    if cfg.iters < 0 or cfg.sft_steps < 0 or cfg.max_steps < 0 or cfg.temperature < 0:
-        return "--iters, --sft-steps, --max-steps and --temperature must be >= 0"
-    if min(cfg.step_clip_low, cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.tis_cap) < 0:
-        return "clip ranges, --kl-coef and --tis-cap must be >= 0"
+    if min(cfg.iters, cfg.sft_steps, cfg.max_steps, cfg.temperature, cfg.micro_tokens, cfg.step_clip_low,
+           cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.tis_cap) < 0:
+        return "--iters, --sft-steps, --max-steps, --temperature, --micro-tokens, clip ranges, --kl-coef, --tis-cap >= 0"
     if cfg.dual_clip and cfg.dual_clip <= 1:
         return f"--dual-clip must be > 1 (or 0 to turn it off), not {cfg.dual_clip}"
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
@@ -151,69 +139,21 @@ def check_config(cfg: Config):
     return None
 
 
-# ------------------------------------------------------------------------------------------ distributed
-def setup_distributed():
-    """(rank, world, device). One code path for 1 or N processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def all_sum(values: list[float], device) -> list[float]:
-    """Sum a few scalars over processes (identity when not distributed)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------------ forward passes
-def step_logprobs(policy, b, entropy=True):
-    """Forward the rows of batch b; returns the (S, A) grid of action-token log-probs and the entropy there."""
-    logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, L, V)
-    lp = b.gather_steps(token_logprobs(logits, b.input_ids))  # (S, A)
-    if not entropy:
-        return lp, None
-    with torch.no_grad():  # entropy of the distribution each action token was drawn from (position j - 1)
-        ent = torch.nn.functional.pad(token_entropy(logits[:, :-1]), (1, 0))
-        ent = (b.gather_steps(ent) * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)
-    return lp, ent.item()
-
-
-def critic_outputs(critic, b):
-    """Step values V(s_t) (S,), read before each step's first action token, and token values (S, A), read at
-    position j - 1 for the action token at j (what token-level PPO uses)."""
-    values = critic(b.input_ids, b.attention_mask)  # (B, L)
-    v_step = values[b.step_row, b.value_positions]  # (S,)
-    v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
-    return values, v_step, v_tok
-
-
 @torch.no_grad()
 def boundary_values(critic, prompts, pad_id, device, batch_size):
     """V(s) for token contexts s, read at the last token of s: where the step critic is trained (the step
     boundary before a first action token). Used for the next state of a cut episode (--bootstrap). (n,)"""
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)] or [[[pad_id]]]
+    for chunk, real in scale.even(chunks, device):  # as many forwards on every process (FSDP)
         ids = torch.full((len(chunk), max(map(len, chunk))), pad_id, dtype=torch.long)  # (n, L), right-padded
         mask = torch.zeros_like(ids)
         for r, p in enumerate(chunk):
             ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
         values = critic(ids.to(device), mask.to(device))  # (n, L)
-        out.append(values[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])].float().cpu())
+        if real and prompts:
+            out.append(values[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -223,30 +163,29 @@ def behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
     implementations (and the StepPO authors') do, so the ratio starts at 1 whatever the engine computed; the
     reference model's log-probs for the KL loss (None without one); and engine_kl, the mean over action tokens of
     the k3 estimate of KL(engine || trainer) on the sampled tokens: 0 when the engine's log-probs are the trainer's."""
-    N, T = len(trajs), max(len(t.steps) for t in trajs)
-    A = max(len(s.action_ids) for t in trajs for s in t.steps)
+    N, T, A = len(trajs), max(len(t.steps) for t in trajs), max(len(s.action_ids) for t in trajs for s in t.steps)
     out = {"old_lp": torch.zeros(N, T, A), "ref_lp": torch.zeros(N, T, A) if ref is not None else None}
     kl_sum, n_tok = 0.0, 0.0
     for idx in torch.arange(N).split(cfg.minibatch_size):
-        b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
-        gi, si, mask = idx[b.traj_index.cpu()], b.step_index.cpu(), b.action_step_mask
-        lp, _ = step_logprobs(policy, b, entropy=False)  # (S, A')
-        out["old_lp"][gi, si, : lp.shape[1]] = lp.float().cpu()
-        n = mask.sum().item()
-        kl_sum, n_tok = kl_sum + kl_k3(b.gather_steps(b.old_logprobs), lp, mask).item() * n, n_tok + n
-        if ref is not None:
-            out["ref_lp"][gi, si, : lp.shape[1]] = step_logprobs(ref, b, entropy=False)[0].float().cpu()
+        full = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack)
+        for mb, real in scale.even(split_rows(full, cfg.micro_tokens), device):
+            b = mb.to(device)
+            lp, _ = step_logprobs(policy, b, False, cfg.micro_tokens > 0)  # (S, A')
+            ref_lp = step_logprobs(ref, b, False, cfg.micro_tokens > 0)[0] if ref is not None else None
+            if not real:
+                continue
+            gi, si, mask = idx[b.traj_index.cpu()], b.step_index.cpu(), b.action_step_mask
+            out["old_lp"][gi, si, : lp.shape[1]] = lp.float().cpu()
+            n = mask.sum().item()
+            kl_sum, n_tok = kl_sum + kl_k3(b.gather_steps(b.old_logprobs), lp, mask).item() * n, n_tok + n
+            if ref is not None:
+                out["ref_lp"][gi, si, : lp.shape[1]] = ref_lp.float().cpu()
     kl_sum, n_tok = all_sum([kl_sum, n_tok], device)
     out["engine_kl"] = kl_sum / max(n_tok, 1)
     return out
 
 
 # ------------------------------------------------------------------------------------------ credit
-def group_index(keys: list) -> torch.Tensor:
-    ids = {}
-    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
-
-
 @torch.no_grad()
 def compute_advantages(cfg, trajs, critic, pad_id, device):
     """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values.
@@ -256,9 +195,7 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
     whitened over steps (over all processes' steps under DDP).
     """
     full = collate(trajs, pad_id)  # (N, T) grids and the step -> token layout of the whole batch
-    N, T = full.step_mask.shape
-    A = full.action_step_mask.shape[1]
-    R, M = full.rewards, full.step_mask
+    (N, T), A, R, M = full.step_mask.shape, full.action_step_mask.shape[1], full.rewards, full.step_mask
     out = {"v_step": torch.zeros(N, T), "v_tok": torch.zeros(N, T, A), "ret_step": torch.zeros(N, T),
            "ret_tok": torch.zeros(N, T, A), "adv_tok": None}
     tok_mask = torch.zeros(N, T, A)
@@ -270,18 +207,20 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
 
     if critic is not None:
         for idx in torch.arange(N).split(cfg.minibatch_size):
-            b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
-            _, v_step, v_tok = critic_outputs(critic, b)
-            gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()
-            out["v_step"][gi, si] = v_step.float().cpu()
-            out["v_tok"][gi, si, : v_tok.shape[1]] = v_tok.float().cpu()
+            minibatch = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack)
+            for mb, real in scale.even(split_rows(minibatch, cfg.micro_tokens), device):
+                b = mb.to(device)
+                _, v_step, v_tok = critic_outputs(critic, b)
+                gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()
+                if real:
+                    out["v_step"][gi, si] = v_step.float().cpu()
+                    out["v_tok"][gi, si, : v_tok.shape[1]] = v_tok.float().cpu()
         if cfg.bootstrap:  # V(s_T) where the critic is trained: the next state's step boundary
             limit = critic.backbone.config.max_position_embeddings
             cut = [i for i, t in enumerate(trajs) if not t.terminated and t.next_prompt_ids
                    and len(t.next_prompt_ids) <= limit]  # a state beyond the context stays terminal
-            if cut:
-                boot[cut] = boundary_values(critic, [trajs[i].next_prompt_ids for i in cut], pad_id, device,
-                                            cfg.minibatch_size)
+            boot[cut] = boundary_values(critic, [trajs[i].next_prompt_ids for i in cut], pad_id, device,
+                                        cfg.minibatch_size)
     if cfg.estimator == "step_gae":
         adv, out["ret_step"] = step_gae(R, out["v_step"], M, cfg.gamma, cfg.lam, bootstrap=boot)
         adv = whiten(adv, M, all_sum=procs_sum) if cfg.whiten else adv  # one entry per step, never per token
@@ -295,12 +234,12 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
         out["adv_tok"] = whiten(a, tok_mask, all_sum=procs_sum) if cfg.whiten else a
         adv = (out["adv_tok"] * tok_mask).sum(2) / tok_mask.sum(2).clamp(min=1)  # --loss step: a step's mean
     elif cfg.estimator == "reinforce_pp":
-        adv = reinforce_pp(R, M, cfg.gamma, all_sum=procs_sum)
+        adv = credit.reinforce_pp(R, M, cfg.gamma, all_sum=procs_sum)
     else:
         groups = group_index([t.task_id for t in trajs])
         score = R.sum(1)  # the trajectory's total reward, broadcast to its steps
         if cfg.estimator == "reinforce_pp_baseline":
-            adv = reinforce_pp_baseline(R, M, groups, all_sum=procs_sum)
+            adv = credit.reinforce_pp_baseline(R, M, groups, all_sum=procs_sum)
         elif cfg.estimator in ("grpo", "rloo"):
             adv = (grpo(score, groups) if cfg.estimator == "grpo" else rloo(score, groups))[:, None] * M
         else:  # gigpo: anchor states = identical environment observations within a task group
@@ -312,200 +251,169 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
     if out["adv_tok"] is None:
         out["adv_tok"] = adv[:, :, None] * tok_mask  # the step's advantage broadcast to its tokens
     out["adv_step"] = adv
-    if critic is not None:  # is the critic learning? 1 - Var(return - V) / Var(return), over steps (or tokens)
+    if critic is not None:  # is the critic learning? (undefined, so absent, when every return is the same)
         tok = cfg.estimator == "token_gae"
-        v, ret, m = (out["v_tok"], out["ret_tok"], tok_mask) if tok else (out["v_step"], out["ret_step"], M)
-        var = lambda x: (((x - (x * m).sum() / m.sum()) * m) ** 2).sum() / m.sum()  # noqa: E731
-        if var(ret) > 1e-8:  # undefined when every return is the same
-            out["explained_var"] = (1 - var(ret - v) / var(ret)).item()
+        ev = explained_variance(*((out["v_tok"], out["ret_tok"], tok_mask) if tok else (out["v_step"], out["ret_step"], M)))
+        out.update({"explained_var": ev} if ev is not None else {})
     return out
 
 
 # ------------------------------------------------------------------------------------------ updates
-def apply_update(opt, model, loss, max_norm) -> bool:
-    """Backward and step. An update whose gradient is not finite is skipped and the weights stay as they were.
-    Under DDP the gradients are averaged before the check, so every process makes the same decision."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return False
-    opt.step()
-    return True
-
-
 def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
     """Supervised warm start: maximise the log-likelihood of the expert's action tokens (behaviour cloning)."""
-    loss = torch.tensor(float("nan"))
+    nll = float("nan")
     for _ in range(cfg.sft_steps):
         idx = torch.randint(len(demos), (cfg.minibatch_size,), generator=g)
-        b = collate([demos[i] for i in idx], pad_id, pack=cfg.pack).to(device)
-        lp, _ = step_logprobs(policy, b)
-        loss = -(lp * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)
-        apply_update(opt, policy, loss, cfg.max_grad_norm)
-    return loss.item()
+        full = collate([demos[i] for i in idx], pad_id, pack=cfg.pack)
+        micro, nll = scale.even(split_rows(full, cfg.micro_tokens), device), 0.0
+        for k, (mb, real) in enumerate(micro):
+            b = mb.to(device)
+            lp, _ = step_logprobs(policy, b, False, cfg.micro_tokens > 0)
+            loss = -(lp * b.action_step_mask).sum() / full.action_step_mask.sum().clamp(min=1).to(device) * real
+            with scale.no_sync(policy, last=k == len(micro) - 1):
+                loss.backward()
+            nll += loss.item()
+        scale.optimizer_step(opt, policy, cfg.max_grad_norm)
+    return nll
 
 
 def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g) -> dict:
     """`epochs` passes of minibatch updates over this iteration's trajectories; returns averaged diagnostics.
-    adv: from compute_advantages; lps: from behaviour_logprobs (pi_old, the reference's log-probs)."""
-    keys = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref", "dual_clipfrac")
-    stats = {k: [] for k in keys}
+    adv: from compute_advantages; lps: from behaviour_logprobs (pi_old, the reference's log-probs).
+    A minibatch runs as micro-batches of at most --micro-tokens tokens, as many on every process; each loss is
+    weighted by the micro-batch's share of what it averages over (steps or tokens), so the accumulated gradient and
+    every diagnostic are the whole minibatch's."""
+    stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref", "dual_clipfrac")}
     skipped, tokens = 0, 0
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(trajs), generator=g).split(cfg.minibatch_size):
-            b = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack).to(device)
-            gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()  # (S,) positions in the iteration's grids
-            mask, A = b.action_step_mask, b.action_step_mask.shape[1]  # (S, A)
-            tokens += int(b.attention_mask.sum())
-            lp, ent = step_logprobs(policy, b)  # (S, A)
-            old = lps["old_lp"][gi, si, :A].to(device)  # the trainer's log-probs before this update (pi_old)
-            per_step = cfg.loss == "step"
-            w = None  # --tis-cap: truncated importance weights pi_trainer / pi_engine
-            if cfg.tis_cap:
-                w = truncated_is_weights(old, b.gather_steps(b.old_logprobs), mask, cfg.tis_cap, per_step)
-            if per_step:  # StepPO: one ratio per step, clipped per step
-                pl, st = step_policy_loss(lp, old, adv["adv_step"][gi, si].to(device), mask,
-                                          cfg.step_clip_low, cfg.step_clip_high, is_weight=w)
-            else:  # PPO/GRPO: one ratio per token
-                pl, st = token_policy_loss(lp, old, adv["adv_tok"][gi, si, :A].to(device), mask, cfg.clip_low,
-                                           cfg.clip_high, cfg.dual_clip or None, is_weight=w, seq_mean=cfg.seq_mean)
-            loss = pl
-            if lps["ref_lp"] is not None:
-                kl = kl_k3(lp, lps["ref_lp"][gi, si, :A].to(device), mask)
-                loss = loss + cfg.kl_coef * kl
-                stats["kl_ref"].append(kl.item())
-            skipped += not apply_update(opt_p, policy, loss, cfg.max_grad_norm)
-            for k in ("clipfrac", "approx_kl", "dual_clipfrac"):
-                if k in st:
-                    stats[k].append(st[k])
-            stats["policy_loss"].append(pl.item())
-            stats["entropy"].append(ent)
+            full = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack)
+            tokens += int(full.attention_mask.sum())
+            micro, st = scale.even(split_rows(full, cfg.micro_tokens), device), defaultdict(float)
+            for k, (mb, real) in enumerate(micro):
+                b, last = mb.to(device), k == len(micro) - 1
+                gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()  # (S,) positions in the iteration's grids
+                mask, A = b.action_step_mask, b.action_step_mask.shape[1]  # (S, A)
+                # this micro-batch's shares of the minibatch's steps with action tokens, action tokens and steps
+                w_step, w_tok, w_all = (real * n / max(total, 1) for n, total in zip(b.counts(), full.counts()))
+                lp, ent = step_logprobs(policy, b, True, cfg.micro_tokens > 0)  # (S, A)
+                old = lps["old_lp"][gi, si, :A].to(device)  # the trainer's log-probs before this update (pi_old)
+                per_step, eng = cfg.loss == "step", b.gather_steps(b.old_logprobs)  # eng: the engine's log-probs
+                w = truncated_is_weights(old, eng, mask, cfg.tis_cap, per_step) if cfg.tis_cap else None  # --tis-cap
+                if per_step:  # StepPO: one ratio per step, clipped per step
+                    pl, s = step_policy_loss(lp, old, adv["adv_step"][gi, si].to(device), mask,
+                                             cfg.step_clip_low, cfg.step_clip_high, is_weight=w)
+                else:  # PPO/GRPO: one ratio per token
+                    pl, s = token_policy_loss(lp, old, adv["adv_tok"][gi, si, :A].to(device), mask, cfg.clip_low,
+                                              cfg.clip_high, cfg.dual_clip or None, is_weight=w, seq_mean=cfg.seq_mean)
+                w_pl = w_step if per_step or cfg.seq_mean else w_tok  # what the policy loss is a mean over
+                loss = pl * w_pl
+                if lps["ref_lp"] is not None:
+                    kl = kl_k3(lp, lps["ref_lp"][gi, si, :A].to(device), mask)
+                    loss = loss + cfg.kl_coef * kl * w_tok
+                    st["kl_ref"] += kl.item() * w_tok
+                with scale.no_sync(policy, last):
+                    loss.backward()
+                for key, v in {**s, "policy_loss": pl.item()}.items():  # clipfrac, approx_kl, [dual_clipfrac], ...
+                    st[key] += v * w_pl
+                st["entropy"] += ent * w_tok
+                if critic is not None:
+                    _, v_step, v_tok = critic_outputs(critic, b)
+                    if cfg.estimator == "token_gae":  # token-level critic targets
+                        vl, w_v = value_loss(v_tok, adv["v_tok"][gi, si, :A].to(device),
+                                             adv["ret_tok"][gi, si, :A].to(device), mask, cfg.vf_clip), w_tok
+                    else:  # step-level critic: V(s_t) at step boundaries
+                        vl, w_v = value_loss(v_step, adv["v_step"][gi, si].to(device), adv["ret_step"][gi, si].to(device),
+                                             torch.ones_like(v_step), cfg.vf_clip), w_all
+                    with scale.no_sync(critic, last):
+                        (vl * w_v).backward()
+                    st["value_loss"] += vl.item() * w_v
+            skipped += not scale.optimizer_step(opt_p, policy, cfg.max_grad_norm)
             if critic is not None:
-                _, v_step, v_tok = critic_outputs(critic, b)
-                if cfg.estimator == "token_gae":  # token-level critic targets
-                    vl = value_loss(v_tok, adv["v_tok"][gi, si, :A].to(device), adv["ret_tok"][gi, si, :A].to(device),
-                                    mask, cfg.vf_clip)
-                else:  # step-level critic: V(s_t) at step boundaries
-                    vl = value_loss(v_step, adv["v_step"][gi, si].to(device), adv["ret_step"][gi, si].to(device),
-                                    torch.ones_like(v_step), cfg.vf_clip)
-                skipped += not apply_update(opt_c, critic, vl, cfg.max_grad_norm)
-                stats["value_loss"].append(vl.item())
+                skipped += not scale.optimizer_step(opt_c, critic, cfg.max_grad_norm)
+            for key, v in st.items():
+                stats.setdefault(key, []).append(v)
     out = {k: (sum(v) / len(v) if v else 0.0) for k, v in stats.items()}
     out.update(skipped_updates=skipped, train_tokens=tokens)
     return out
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path, state: dict):
-    """Atomic: write a temporary file, then rename over the old checkpoint (a crash leaves the old one whole)."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path) -> dict:
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --resume: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: --resume: checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e})")
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def plot_curve(out_dir, rows):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["iter"] for r in rows if "success_rate" in r], [r["success_rate"] for r in rows if "success_rate" in r],
-            label="train (sampled)")
-    ev = [r for r in rows if "eval_success_rate" in r]
-    ax.plot([r["iter"] for r in ev], [r["eval_success_rate"] for r in ev], "o-", label="eval (greedy, held out)")
-    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curve.png"), dpi=120)
-    plt.close(fig)
+def rollout_stats(trajs, device) -> dict:
+    """Success, return, steps, invalid actions, and the share of task groups with a win and a loss (all processes)."""
+    steps, groups = [s for t in trajs for s in t.steps], {}
+    for t in trajs:
+        groups.setdefault(t.task_id, set()).add(t.success)
+    won, ret, n_steps, invalid, n, mixed, n_groups = all_sum(
+        [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), len(steps),
+         sum(bool(s.info.get("invalid")) for s in steps), len(trajs), sum(len(g) == 2 for g in groups.values()),
+         len(groups)], device)
+    return dict(success_rate=won / n, mean_return=ret / n, mean_steps=n_steps / n, invalid_rate=invalid / n_steps,
+                mixed_groups=mixed / max(n_groups, 1))
 
 
 # ------------------------------------------------------------------------------------------ main loop
 def main(cfg: Config):
-    rank, world, device = setup_distributed()
+    rank, world, device = scale.setup_distributed()
     master = rank == 0
     from model import load_critic, load_policy, pad_id as get_pad_id  # heavy imports after argument checks
-    from rollout import HFEngine, VLLMEngine, collect
+    from rollout import VLLMEngine, collect
 
-    seed_everything(cfg.seed * 1_000_003 + rank)
+    scale.seed_everything(cfg.seed * 1_000_003 + rank)
     try:
         policy, tok = load_policy(cfg.model)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: --model {cfg.model!r}: {e}")
-    policy.to(device)
-    critic = load_critic(cfg.model).to(device) if cfg.estimator in ("step_gae", "token_gae") else None
+    critic = load_critic(cfg.critic_model or cfg.model) if cfg.estimator in ("step_gae", "token_gae") else None
+    if critic is not None and critic.backbone.config.vocab_size < len(tok):
+        raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic.backbone.config.vocab_size} ids, "
+                         f"the policy's tokenizer has {len(tok)}")
     pad_id = get_pad_id(tok)
+    ref = copy.deepcopy(policy).to(scale.DTYPES[cfg.dtype]) if cfg.kl_coef > 0 else None  # KL anchor, weights below
+    policy_ddp = scale.prepare(policy, cfg, device)  # what the losses call (DDP wrapper or the FSDP2 module itself)
+    critic_ddp = scale.prepare(critic, cfg, device) if critic is not None else None
+    if ref is not None:
+        ref = scale.prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
     opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
+    parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref, None)}  # what a checkpoint holds
     env_kwargs = json.loads(cfg.env_kwargs)
     train_envs = [envs.make(cfg.env, split="train", **env_kwargs) for _ in range(cfg.envs_per_iter)]
     eval_envs = [envs.make(cfg.env, split=cfg.eval_split, **env_kwargs)
                  for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
     max_steps = cfg.max_steps or train_envs[0].max_steps
     os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-
-    def make_engine():
-        if cfg.engine == "hf":
-            return HFEngine(policy, tok)  # shares the trainer's weights: sync is free
-        path = os.path.join(cfg.out, "engine_init")  # vLLM starts from a saved copy (rank 0's), then syncs
-        if master:
-            policy.save_pretrained(path)
-            tok.save_pretrained(path)
-        if dist.is_initialized():
-            dist.barrier()
-        kw = dict(gpu_memory_utilization=cfg.vllm_memory) if device.type == "cuda" else dict(enforce_eager=True)
-        return VLLMEngine(path, seed=cfg.seed + rank, **kw)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
 
     def rollouts(engine, env_list, seeds, temperature, sample_seed, expert=False):
         policy.eval()
         horizon = env_list[0].max_steps if expert else max_steps  # demonstrations play to the end
-        trajs = collect(engine, env_list, tok, seeds, horizon, cfg.max_new_tokens, temperature,
-                        context=cfg.context, seed=sample_seed, expert=expert)
+        with scale.unsharded(policy, enabled=cfg.engine == "hf"):  # FSDP2: HF generate without collectives
+            trajs = collect(engine, env_list, tok, seeds, horizon, cfg.max_new_tokens, temperature,
+                            context=cfg.context, seed=sample_seed, expert=expert)
         policy.train()
         return trajs
 
+    def log(row):  # rank 0: the history (checkpointed) and metrics.jsonl
+        if master:
+            history.append(row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def evaluate(engine) -> float:
         seeds = list(range(rank, cfg.eval_episodes, world))  # held-out tasks, split between processes
-        trajs = rollouts(engine, eval_envs, seeds, 0.0, cfg.seed) if seeds else []
+        trajs = rollouts(engine, eval_envs, seeds, 0.0, cfg.seed)
         won, n = all_sum([sum(t.success for t in trajs), len(trajs)], device)
         return won / max(n, 1)
 
-    ref, start, history = None, 0, []
-    if cfg.resume:  # weights, optimisers and history from the checkpoint; the RNG is re-seeded per iteration
-        ckpt = load_checkpoint(ckpt_path)
-        policy.load_state_dict(ckpt["policy"])
-        opt_p.load_state_dict(ckpt["opt_policy"])
-        if critic is not None:
-            critic.load_state_dict(ckpt["critic"])
-            opt_c.load_state_dict(ckpt["opt_critic"])
-        start, history = ckpt["iter"] + 1, ckpt["history"]
-        if ckpt.get("ref") is not None:
-            ref = type(policy)(policy.config).to(device)
-            ref.load_state_dict(ckpt["ref"])
+    engine = scale.make_engine(cfg, policy, tok, rank, device)  # hf: the trainer's model; vllm: colocated, bf16 or not
+    engine.sleep()  # --vllm-sleep: the engine's memory is free until the first sync
+    start, history = 0, []
+    if cfg.resume:  # weights, optimisers, reference and history; the RNG is re-seeded per iteration
+        meta = scale.load_checkpoint(cfg.out, parts)
+        start, history = meta["iter"] + 1, meta["history"]
         if master:
-            print(f"resumed from {ckpt_path} at iteration {start}")
-    policy_ddp = DDP(policy) if world > 1 else policy  # the same weights on every process from here on
-    critic_ddp = DDP(critic) if (critic is not None and world > 1) else critic
-    engine = make_engine()
-    if not cfg.resume:
+            print(f"resumed from {meta['path']} at iteration {start}")
+    else:
         g = torch.Generator().manual_seed(cfg.seed * 7 + rank)
         if cfg.sft_steps:  # warm start on expert demonstrations from the training pool
             demo_seeds = [10_000_000 + rank * cfg.sft_episodes + i for i in range(cfg.sft_episodes)]
@@ -516,13 +424,10 @@ def main(cfg: Config):
             sft_loss = warm_start(cfg, policy_ddp, opt_p, demos, pad_id, device, g)
             if master:
                 print(f"warm start: {cfg.sft_steps} steps on {len(demos)} expert episodes, final NLL {sft_loss:.3f}")
-            if critic is not None:  # the critic starts from the policy's starting point (the authors: the actor's model)
-                critic.backbone.load_state_dict(policy.base_model.state_dict())
-        if cfg.kl_coef > 0:
-            ref = type(policy)(policy.config).to(device)
-            ref.load_state_dict(policy.state_dict())
-    if ref is not None:
-        ref.eval().requires_grad_(False)
+            if critic is not None and not cfg.critic_model:  # the critic starts where the policy starts (the
+                critic.backbone.load_state_dict(policy.base_model.state_dict())  # authors: from the actor's model)
+        if ref is not None:
+            ref.load_state_dict(policy.state_dict())  # the KL anchor: the warm-started policy
     if master:  # metrics.jsonl holds exactly the iterations in the checkpoint's history
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in history)
@@ -533,82 +438,61 @@ def main(cfg: Config):
     bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", disable=None if master else True)
     for it in range(start, cfg.iters + 1):  # the extra last pass only evaluates the final policy
         t0 = time.time()
-        seed_everything(cfg.seed * 1_000_003 + it * 7_919 + rank)  # per-iteration streams: resume is exact
+        scale.seed_everything(cfg.seed * 1_000_003 + it * 7_919 + rank)  # per-iteration streams: resume is exact
         row = {"iter": it}
         if it % cfg.eval_every == 0 or it == cfg.iters:
             row["eval_success_rate"] = evaluate(engine)
         if it == cfg.iters:
-            if master:
-                history.append(row)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            log(row)
             break
         # 1. rollouts: envs_per_iter // group_size tasks, each played group_size times
         rng = random.Random(cfg.seed * 1_000_003 + it * 7_919 + rank)
         tasks = [rng.randrange(10_000_000) for _ in range(cfg.envs_per_iter // cfg.group_size)]
         seeds = [s for s in tasks for _ in range(cfg.group_size)]
-        t_roll = time.time()
+        clock = [time.time()]  # phase boundaries: rollout | credit | pi_old + reference | update
         trajs = rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31))
-        t_roll = time.time() - t_roll
+        engine.sleep()  # --vllm-sleep: the update gets the engine's memory; sync wakes it
         # 2. credit assignment; 3. clipped updates; 4. push the new weights into the engine
-        t_credit = time.time()
+        clock.append(time.time())
         adv = compute_advantages(cfg, trajs, critic, pad_id, device)
-        t_lp = time.time()
+        clock.append(time.time())
         lps = behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device)  # pi_old and the reference, no grad
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * 7_919 + rank)
-        t_upd = time.time()
-        t_credit, t_lp = t_lp - t_credit, t_upd - t_lp
+        clock.append(time.time())
         st = update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, trajs, adv, lps, pad_id, device, g)
-        t_upd = time.time() - t_upd
+        clock.append(time.time())
         engine.sync(policy)
+        t_roll, t_credit, t_lp, t_upd = (b - a for a, b in zip(clock, clock[1:]))
 
-        n_steps = sum(len(t.steps) for t in trajs)
         gen_tokens = sum(len(s.action_ids) for t in trajs for s in t.steps)
-        won, ret, steps, invalid, n, nsteps = all_sum(
-            [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), n_steps,
-             sum(bool(s.info.get("invalid")) for t in trajs for s in t.steps), len(trajs), n_steps], device)
-        row.update(success_rate=won / n, mean_return=ret / n, mean_steps=steps / n, invalid_rate=invalid / nsteps,
-                   **{k: st[k] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")},
-                   engine_kl=lps["engine_kl"], skipped_updates=st["skipped_updates"],
+        row.update(**rollout_stats(trajs, device), **{k: st[k] for k in ("policy_loss", "value_loss", "clipfrac",
+                   "approx_kl", "entropy")}, engine_kl=lps["engine_kl"], skipped_updates=st["skipped_updates"],
                    tokens_per_s=gen_tokens / max(t_roll, 1e-9), train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9),
                    rollout_s=t_roll, credit_s=t_credit, logprob_s=t_lp, update_s=t_upd, wall_s=time.time() - t0)
-        if cfg.loss == "token" and cfg.dual_clip:
-            row["dual_clipfrac"] = st["dual_clipfrac"]
-        if "explained_var" in adv:
-            row["explained_var"] = adv["explained_var"]
-        wins = {}  # task -> outcomes: a group with both wins and losses is where a group baseline has signal
-        for t in trajs:
-            wins.setdefault(t.task_id, set()).add(t.success)
-        mixed, n_groups = all_sum([sum(len(w) == 2 for w in wins.values()), len(wins)], device)
-        row["mixed_groups"] = mixed / max(n_groups, 1)
-        if ref is not None:
-            row["kl_ref"] = st["kl_ref"]
+        extra = {"dual_clipfrac": cfg.loss == "token" and cfg.dual_clip, "kl_ref": ref is not None}
+        row.update({k: st[k] for k, on in extra.items() if on}, **{k: adv[k] for k in ("explained_var",) if k in adv})
         if st["skipped_updates"] and master:
             tqdm.write(f"iteration {it}: skipped {st['skipped_updates']} updates with a non-finite gradient", file=sys.stderr)
         if master:
-            history.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(ckpt_path, {
-                "policy": policy.state_dict(), "critic": critic.state_dict() if critic else None,
-                "opt_policy": opt_p.state_dict(), "opt_critic": opt_c.state_dict() if opt_c else None,
-                "ref": ref.state_dict() if ref is not None else None, "rng": rng_state(), "iter": it,
-                "config": dataclasses.asdict(cfg), "history": history})
+            log(row)
             ev = f" eval {row['eval_success_rate']:.2f}" if "eval_success_rate" in row else ""
             tqdm.write(f"iter {it}: success {row['success_rate']:.2f} return {row['mean_return']:.2f} "
                        f"steps {row['mean_steps']:.1f} invalid {row['invalid_rate']:.2f}{ev} ({row['wall_s']:.1f}s)")
             bar.update()
+        if (it + 1) % cfg.save_every == 0 or it == cfg.iters - 1:  # every process writes its shards
+            scale.save_checkpoint(cfg.out, it, parts, {"iter": it, "history": history, "rng": scale.rng_state(),
+                                                       "config": dataclasses.asdict(cfg)})
     bar.close()
 
+    scale.save_pretrained(policy, tok, os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM
     if master:
-        policy.save_pretrained(os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM
-        tok.save_pretrained(os.path.join(cfg.out, "final"))
-        plot_curve(cfg.out, history)
+        scale.plot_curve(cfg.out, history)
         ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
         print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
     if isinstance(engine, VLLMEngine):
         engine.close()  # vLLM tears down the process groups it made inside ours: before ours goes
     if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing gloo down while another still works can hang in its destructor
         dist.destroy_process_group()
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from credit import gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae, whiten
+from credit import explained_variance, gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae, whiten
 
 
 def ragged(N=7, T=6, seed=0):
@@ -389,3 +389,17 @@ def test_reinforce_pp_baseline_matches_slow_loop(seed):
     for i, n in enumerate(lengths.tolist()):
         for t in range(5):
             assert abs(out[i, t].item() - (next(want) if t < n else 0.0)) < 1e-5
+
+
+def test_explained_variance_hand_worked_and_slow_loop():
+    # returns [1, 0, 1, 0] (var 0.25); values [1, 0, 0.5, 0.5]: residuals [0, 0, .5, -.5] (var 0.125) -> 0.5
+    ret, mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 7.0]), torch.tensor([1.0, 1, 1, 1, 0])
+    assert abs(explained_variance(torch.tensor([1.0, 0.0, 0.5, 0.5, -3.0]), ret, mask) - 0.5) < 1e-6
+    assert abs(explained_variance(ret, ret, mask) - 1.0) < 1e-6 and abs(explained_variance(torch.full((5,), 0.3), ret, mask)) < 1e-6
+    assert explained_variance(torch.zeros(3), torch.ones(3), torch.ones(3)) is None  # every return equal
+    g = torch.Generator().manual_seed(0)
+    v, r, m = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
+    rs = [r[i, j].item() for i in range(6) for j in range(5) if m[i, j]]
+    ds = [r[i, j].item() - v[i, j].item() for i in range(6) for j in range(5) if m[i, j]]
+    pvar = lambda xs: sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs)  # noqa: E731
+    assert abs(explained_variance(v, r, m) - (1 - pvar(ds) / pvar(rs))) < 1e-5

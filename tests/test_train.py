@@ -44,7 +44,7 @@ def test_two_iterations_every_estimator(tmp_path, env, estimator, loss):
     else:
         assert rows[0]["value_loss"] > 0.0
     assert os.path.exists(os.path.join(out, "final", "config.json"))
-    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+    assert os.path.exists(os.path.join(out, "ckpt-1", "meta.pt"))  # the last iteration's checkpoint
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -71,11 +71,15 @@ def test_iters_zero_is_a_warm_start_other_runs_can_share(tmp_path):
 def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(train.parse_config(TINY + ["--out", str(tmp_path / "none"), "--resume"]))
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "unfinished" / "ckpt-3.tmp").mkdir(parents=True)  # a save that never finished is not a checkpoint
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(train.parse_config(TINY + ["--out", str(tmp_path / "unfinished"), "--resume"]))
+    bad = tmp_path / "bad" / "ckpt-1"
+    bad.mkdir(parents=True)
+    (bad / "meta.pt").write_bytes(b"not a checkpoint")
+    (bad / ".metadata").write_bytes(b"not a checkpoint either")
     with pytest.raises(SystemExit, match="corrupt"):
-        train.main(train.parse_config(TINY + ["--out", str(bad), "--resume"]))
+        train.main(train.parse_config(TINY + ["--out", str(tmp_path / "bad"), "--resume"]))
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -89,10 +93,15 @@ def test_resume_errors_are_clear(tmp_path):
     (["--env-kwargs", "[1]"], "must be a JSON object"),
     (["--estimator", "reinforce_pp_baseline", "--group-size", "1", "--envs-per-iter", "4"], "group-size >= 2"),
     (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
-    (["--step-clip-low", "-1"], "must be >= 0"),
+    (["--step-clip-low", "-1"], "clip ranges, --kl-coef, --tis-cap >= 0"),
     (["--gamma", "1.5"], "--gamma and --lam"),
-    (["--eval-split", "test"], "--eval-split must be eval, valid or train"),
+    (["--eval-split", "test"], "--eval-split must be one of eval, valid, train"),
     (["--env", "alfworld", "--eval-split", "valid"], "split must be"),
+    (["--dtype", "fp16"], "--dtype must be one of fp32, bf16"),
+    (["--vllm-sleep", "3"], "--vllm-sleep must be one of 0, 1, 2"),
+    (["--micro-tokens", "-1"], "--micro-tokens, clip ranges"),
+    (["--fsdp"], "--fsdp runs under torchrun"),
+    (["--save-every", "0"], "--save-every must be >= 1"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
 ])
 def test_bad_flags_fail_before_work(flags, message, capsys):
@@ -107,12 +116,16 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_non_finite_update_is_skipped():
+    import scale
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    ok = train.apply_update(opt, model, model(torch.ones(1, 3)).sum() * float("nan"), 1.0)
+    (model(torch.ones(1, 3)).sum() * float("nan")).backward()
+    ok = scale.optimizer_step(opt, model, 1.0)
     assert not ok and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert train.apply_update(opt, model, model(torch.ones(1, 3)).sum(), 1.0)
+    assert all(p.grad is None for p in model.parameters())  # the bad gradient is not carried into the next step
+    model(torch.ones(1, 3)).sum().backward()
+    assert scale.optimizer_step(opt, model, 1.0)
     assert not torch.equal(before[0], model.weight)
 
 
@@ -277,10 +290,12 @@ def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_a_constant_
 def test_the_critic_starts_from_the_warm_started_policy(tmp_path):
     """As the authors start the critic from the actor's model, ours starts from the policy after its warm start
     (lr 0 keeps both as they were at the start of RL)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     out, _ = run(tmp_path, "--iters", "1", "--lr", "0", "--critic-lr", "0")
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    backbone = {k[len("backbone."):]: v for k, v in ckpt["critic"].items() if k.startswith("backbone.")}
-    policy = {k[len("model."):]: v for k, v in ckpt["policy"].items() if k.startswith("model.")}
+    dcp_to_torch_save(os.path.join(out, "ckpt-0"), str(tmp_path / "ckpt.pt"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    backbone = {k[len("backbone."):]: v for k, v in ckpt["critic"]["model"].items() if k.startswith("backbone.")}
+    policy = {k[len("model."):]: v for k, v in ckpt["policy"]["model"].items() if k.startswith("model.")}
     assert backbone.keys() == policy.keys() and all(torch.equal(backbone[k], policy[k]) for k in policy)
     from model import load_policy
     base = load_policy("tiny")[0].model.state_dict()

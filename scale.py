@@ -1,0 +1,282 @@
+"""Plumbing that lets train.py run from one CPU process to 8 GPUs (StepPO, arXiv 2604.18401): processes, precision,
+sharding, micro-batches, checkpoints, the learning curve. Nothing here changes what is computed, only where, in which
+precision and in how many pieces; with the default flags every function is a no-op or today's plain PyTorch call.
+
+    rank, world, device = setup_distributed()            # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    policy_ddp = prepare(policy, cfg, device)            # --grad-ckpt, --dtype bf16, --fsdp (FSDP2) or DDP
+    for mb, real in even(split_rows(batch, cfg.micro_tokens), device): ...   # as many micro-batches on every process
+    save_checkpoint(cfg.out, it, parts, meta); meta = load_checkpoint(cfg.out, parts)   # torch.distributed.checkpoint
+
+Memory arithmetic and the commands for 1.5B / 7B models on 8 x 80 GB: README, "Running at scale".
+"""
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# FSDP2 warns when a unit returns a view (the critic's values, a 3-D Linear): we never modify module outputs in place
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+# ------------------------------------------------------------------------------------------ processes
+def setup_distributed():
+    """(rank, world, device). One code path for 1 or N processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum a few scalars over processes (identity when not distributed)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def even(items: list, device) -> list[tuple]:
+    """[(item, True), ...] padded to the longest list over processes with (items[-1], False). Under FSDP2 every forward
+    all-gathers weights, so every process must run as many (verl's rearrange_micro_batches agrees the same way);
+    the padding runs with weight 0."""
+    n = len(items)
+    if dist.is_initialized():
+        t = torch.tensor([n], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n = int(t.item())
+    return [(x, True) for x in items] + [(items[-1], False)] * (n - len(items))
+
+
+def parse_dataclass(cls, description: str, check, argv=None):
+    """A command line generated from dataclass `cls`: one flag per field, its comment as the help, its default shown.
+    check(instance) -> why it cannot run, or None; a reason exits with code 2 and one line on stderr, before any work."""
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        flag, doc = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=doc)
+    cfg = cls(**vars(p.parse_args(argv)))
+    error = check(cfg)
+    if error:
+        p.error(error)
+    return cfg
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+# ------------------------------------------------------------------------------------------ precision and sharding
+def prepare(model, cfg, device, train=True):
+    """Lay out `model` (policy, critic or reference) for this run; returns what the losses call (DDP's wrapper, or the
+    model itself). --grad-ckpt: non-reentrant activation checkpointing (trained models). --dtype bf16: bf16 compute
+    over fp32 weights and Adam states (FSDP2's MixedPrecisionPolicy, else autocast): at lr 1e-6 bf16 weights would
+    round the updates away. --fsdp: FSDP2 per decoder layer, then the root, on an explicit 1-D mesh; the critic's
+    value head is its own fp32 unit. Else DDP under torchrun (trained models). Build optimisers after this."""
+    model.to(device)
+    hf = getattr(model, "backbone", model)  # the transformers model (inside the critic: its backbone)
+    if cfg.grad_ckpt and train:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers checkpoints only in training mode
+    dtype = DTYPES[cfg.dtype]
+    if cfg.fsdp:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # explicit: pytorch #132471
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for m in list(model.modules()):
+            if type(m).__name__ in (hf._no_split_modules or ()):  # the decoder layers
+                fully_shard(m, mesh=mesh, mp_policy=mp)
+        if hasattr(model, "head"):  # Critic: head(h.float()) needs fp32 weights, not the root's bf16
+            fully_shard(model.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+        # the root keeps its weights gathered from forward to backward; the reference has no backward: it reshards
+        return fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if train else True)
+    if dtype != torch.float32:  # every forward (the losses', generate's) under autocast; backward outside it
+        model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
+    return DDP(model) if train and dist.is_initialized() else model
+
+
+def sharded(model) -> bool:
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def unsharded(model, enabled=True):
+    """FSDP2: every weight gathered (in the compute dtype) for a stretch of forwards that issue no collectives, such as
+    HF generate, whose number of decoding steps differs between processes (transformers #33483). No-op otherwise."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its weights for the backward
+
+
+def optimizer_step(opt, model, max_norm) -> bool:
+    """Clip the accumulated gradients and step, then clear them. A step whose gradient is not finite is skipped and the
+    weights stay as they were. Under DDP/FSDP2 the gradients are reduced before the check (the norm is global), so
+    every process makes the same decision."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ok = bool(torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # FSDP2: a DTensor
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ok
+
+
+def no_sync(model, last: bool):
+    """DDP: all-reduce the accumulated gradients only in the last micro-batch's backward. FSDP2 reduce-scatters after
+    every micro-batch instead: skipping that would hold a whole unsharded fp32 gradient per process."""
+    return model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+
+
+def full_state_dict(model) -> dict:
+    """The whole state dict on CPU: under FSDP2 gathered tensor by tensor, every process calls, rank 0 gets it (the
+    others an empty dict); otherwise model.state_dict()."""
+    if not sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def make_engine(cfg, policy, tok, rank, device):
+    """The rollout engine. hf: generates with the trainer's own model (sync is free). vllm: one engine per process,
+    colocated (vLLM's external_launcher under torchrun, PR #13642), taking --vllm-memory of the GPU, bf16 under
+    --dtype bf16, asleep during updates under --vllm-sleep; it starts from <out>/engine_init/, config and tokenizer
+    only (load_format="dummy": the weights arrive with the first sync, nothing big is written or read)."""
+    from rollout import HFEngine, VLLMEngine
+    if cfg.engine == "hf":
+        return HFEngine(policy, tok)
+    path = os.path.join(cfg.out, "engine_init")
+    if rank == 0:
+        for x in (policy.config, policy.generation_config, tok):
+            x.save_pretrained(path)
+    kw = dict(gpu_memory_utilization=cfg.vllm_memory) if device.type == "cuda" else dict(enforce_eager=True)
+    if dist.is_initialized():
+        dist.barrier()
+        kw["distributed_executor_backend"] = "external_launcher"
+    if cfg.dtype == "bf16":
+        kw["dtype"] = "bfloat16"
+    return VLLMEngine(path, seed=cfg.seed + rank, sleep_level=cfg.vllm_sleep, load_format="dummy", **kw)
+
+
+def save_pretrained(model, tok, path):
+    """A save_pretrained folder of the whole model (transformers and vLLM load it): under FSDP2 gathered tensor by
+    tensor; every process calls, rank 0 writes."""
+    state = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(path, state_dict=state)
+        tok.save_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def checkpoints(out) -> list[str]:
+    """Complete checkpoints in `out`, oldest first: ckpt-<iter>/ folders (a save in progress is ckpt-<iter>.tmp/)."""
+    done = [(int(m.group(1)), m.group(0)) for m in map(re.compile(r"ckpt-(\d+)$").match, sorted(os.listdir(out)))
+            if m and os.path.exists(os.path.join(out, m.group(0), "meta.pt"))] if os.path.isdir(out) else []
+    return [os.path.join(out, name) for _, name in sorted(done)]
+
+
+def _state(parts: dict) -> dict:
+    """parts: name -> (model, optimizer or None); None models are left out. Sharded or not, DDP or not, the same keys."""
+    state = {}
+    for name, (model, opt) in parts.items():
+        if model is not None:
+            msd, osd = get_state_dict(model, opt if opt is not None else [])
+            state[name] = {"model": msd, **({"optim": osd} if opt is not None else {})}
+    return state
+
+
+def save_checkpoint(out, it: int, parts: dict, meta: dict, keep: int = 2):
+    """Every process writes its shards with torch.distributed.checkpoint into <out>/ckpt-<it>.tmp/; rank 0 adds
+    meta.pt (history, RNG state, config) and renames the folder to ckpt-<it>/, so a crash leaves the older
+    checkpoints whole. The newest `keep` are kept."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = os.path.join(out, f"ckpt-{it}.tmp")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
+    if dist.is_initialized():
+        dist.barrier()
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(_state(parts), checkpoint_id=tmp)
+    if master:
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        final = os.path.join(out, f"ckpt-{it}")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(out, parts: dict) -> dict:
+    """Load the newest complete checkpoint into `parts` (in place, shards where sharded); returns its meta."""
+    done = checkpoints(out)
+    if not done:
+        raise SystemExit(f"error: --resume: no checkpoint (ckpt-<iter>/ folder) in {out}")
+    try:
+        state = _state(parts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=done[-1])
+        for name, (model, opt) in parts.items():
+            if model is not None:
+                set_state_dict(model, opt if opt is not None else [], model_state_dict=state[name]["model"],
+                               optim_state_dict=state[name].get("optim", {}))
+        return {**torch.load(os.path.join(done[-1], "meta.pt"), weights_only=False), "path": done[-1]}
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        raise SystemExit(f"error: --resume: checkpoint {done[-1]} is unreadable or corrupt ({type(e).__name__}: {e})")
+
+
+def plot_curve(out_dir, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["iter"] for r in rows if "success_rate" in r], [r["success_rate"] for r in rows if "success_rate" in r],
+            label="train (sampled)")
+    ev = [r for r in rows if "eval_success_rate" in r]
+    ax.plot([r["iter"] for r in ev], [r["eval_success_rate"] for r in ev], "o-", label="eval (greedy, held out)")
+    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curve.png"), dpi=120)
+    plt.close(fig)

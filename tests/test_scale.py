@@ -1,0 +1,271 @@
+"""Running at scale (scale.py, --fsdp / --dtype / --grad-ckpt / --micro-tokens / --vllm-sleep / sharded checkpoints):
+what is computed must not change, only where and in how many pieces."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import scale
+import train
+from conftest import ROOT, forward_logprobs, metric_rows, torchrun_train
+from dist_worker import ARGS, MODES, models, synthetic
+from step_mdp import collate, split_rows
+from steppo_loss import step_logprobs
+
+TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
+        "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
+TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "credit_s", "logprob_s", "update_s"}
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_split_rows_puts_every_step_in_one_micro_batch_within_the_budget(pack):
+    full = collate(synthetic(0) + synthetic(1), 0, pack=pack)
+    lengths = full.attention_mask.sum(1)
+    for budget in (1, 30, 60, 10_000):
+        parts = split_rows(full, budget)
+        assert sum(p.input_ids.shape[0] for p in parts) == full.input_ids.shape[0]
+        for p in parts:  # within the budget, or a single longer row
+            assert p.input_ids.numel() <= budget or p.input_ids.shape[0] == 1
+        assert sorted((t, s) for p in parts for t, s in zip(p.traj_index.tolist(), p.step_index.tolist())) == \
+            sorted(zip(full.traj_index.tolist(), full.step_index.tolist()))
+        for p in parts:  # a micro-batch's steps read the same tokens as in the full batch
+            for k in range(len(p.step_row)):
+                j = ((full.traj_index == p.traj_index[k]) & (full.step_index == p.step_index[k])).nonzero().item()
+                assert torch.equal(p.gather_steps(p.input_ids)[k], full.gather_steps(full.input_ids)[j])
+                assert p.value_positions[k] == full.value_positions[j]
+                assert p.input_ids[p.step_row[k], p.value_positions[k]] == full.input_ids[full.step_row[j], full.value_positions[j]]
+    assert len(split_rows(full, 10_000)) == 1 and split_rows(full, 0) == [full]
+    assert len(split_rows(full, 1)) == len(lengths)
+
+
+def test_lm_head_at_action_positions_equals_the_full_logits(tiny, one_thread):
+    model, _ = tiny
+    b = collate(synthetic(0) + synthetic(1), 0, pack=True)
+    (lp_a, ent_a), (lp_f, ent_f) = step_logprobs(model, b, True, True), step_logprobs(model, b, True, False)
+    assert torch.allclose(lp_a, lp_f, atol=1e-6) and abs(ent_a - ent_f) < 1e-6
+    for k, (t, s) in enumerate(zip(b.traj_index.tolist(), b.step_index.tolist())):  # token in, token out
+        step = (synthetic(0) + synthetic(1))[t].steps[s]
+        assert torch.allclose(lp_a[k, :len(step.action_ids)], forward_logprobs(model, step.prompt_ids, step.action_ids),
+                              atol=1e-5)
+    grads = []
+    for at_actions in (True, False):
+        model.zero_grad()
+        (step_logprobs(model, b, False, at_actions)[0] * b.action_step_mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    assert all(torch.allclose(a, f, atol=1e-5, rtol=1e-5) for a, f in zip(*grads))
+
+
+def _update(flags, trajs, micro_tokens):
+    """One update of fresh tiny models with SGD; returns (stats, policy weights, critic weights, adv, lps)."""
+    cfg = train.parse_config(ARGS + flags + ["--micro-tokens", str(micro_tokens)])
+    policy, critic, ref, tok = models()
+    adv = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, CPU)
+    lps = train.behaviour_logprobs(cfg, policy, ref, trajs, tok.pad_token_id, CPU)
+    opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
+    st = train.update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, tok.pad_token_id, CPU, torch.Generator())
+    return st, policy.state_dict(), critic.state_dict(), adv, lps
+
+
+@pytest.mark.parametrize("flags", [
+    ["--estimator", "step_gae", "--loss", "step", "--tis-cap", "2", "--minibatch-size", "2"],
+    ["--estimator", "token_gae", "--loss", "token", "--no-seq-mean", "--no-pack", "--minibatch-size", "3"],
+    ["--estimator", "step_gae", "--loss", "token", "--minibatch-size", "3"],
+])
+def test_micro_batched_gradients_equal_the_full_minibatch(flags, one_thread):
+    """SGD: equal weights after the update mean equal (clipped) gradients; the diagnostics are the minibatch's too.
+    Several minibatches, so the KL term (0 gradient while the policy is the reference) counts as well."""
+    trajs, init = synthetic(0) + synthetic(1), models()
+    full, micro = _update(flags, trajs, 0), _update(flags, trajs, 25)
+    for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"):
+        assert full[0][key] == pytest.approx(micro[0][key], rel=1e-4, abs=1e-6), key
+    for a, b, start in ((full[1], micro[1], init[0]), (full[2], micro[2], init[1])):
+        assert not torch.equal(a["lm_head.weight" if "lm_head.weight" in a else "head.weight"],
+                               start.state_dict()["lm_head.weight" if "lm_head.weight" in a else "head.weight"])
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    for k in ("v_step", "v_tok", "adv_step"):  # the no-grad passes split the same way
+        assert torch.allclose(full[3][k], micro[3][k], atol=1e-6)
+    assert torch.allclose(full[4]["old_lp"], micro[4]["old_lp"], atol=1e-6)
+
+
+def test_micro_batched_warm_start_equals_the_full_minibatch(one_thread):
+    demos = synthetic(0) + synthetic(1)
+    out = []
+    for micro in (0, 20):
+        cfg = train.parse_config(["--sft-steps", "2", "--minibatch-size", "4", "--micro-tokens", str(micro)])
+        policy, _, _, tok = models()
+        opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+        nll = train.warm_start(cfg, policy, opt, demos, tok.pad_token_id, CPU, torch.Generator().manual_seed(3))
+        out.append((nll, policy.state_dict()))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    assert all(torch.allclose(out[0][1][k], out[1][1][k], atol=1e-6) for k in out[0][1])
+
+
+def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
+    """2 processes (gloo) with different data, micro-batch counts and lengths, gradients clipped: FSDP2 and DDP give
+    the weights of SGD on the average of the two processes' gradients (each computed here in one process)."""
+    max_norm = 0.05
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                        os.path.join(ROOT, "tests", "dist_worker.py"), str(tmp_path), "--max-grad-norm", str(max_norm)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    trajs = {r: synthetic(r) for r in (0, 1)}
+    init = models()
+    for mode, flags in MODES.items():
+        got = {r: torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=False) for r in (0, 1)}
+        assert got[0]["n_micro"] != got[1]["n_micro"]  # one process ran zero-weight micro-batches
+        cfg = train.parse_config(ARGS + [f for f in flags if f != "--fsdp"] + ["--micro-tokens", "0", "--max-grad-norm", "1e9"])
+        policy, critic, ref, tok = models()  # whitening over both processes' steps = over all of them in one place
+        adv = train.compute_advantages(cfg, trajs[0] + trajs[1], critic, tok.pad_token_id, CPU)["adv_step"]
+        for r, rows in ((0, slice(0, len(trajs[0]))), (1, slice(len(trajs[0]), None))):
+            mine = got[r]["adv"]["adv_step"]
+            assert torch.allclose(mine, adv[rows, :mine.shape[1]], atol=1e-5)
+        step = {}  # each process's unclipped SGD step, in one process, from the same advantages
+        for r in (0, 1):
+            policy, critic, ref, tok = models()
+            lps = train.behaviour_logprobs(cfg, policy, ref, trajs[r], tok.pad_token_id, CPU)
+            assert torch.allclose(lps["old_lp"], got[r]["lps"]["old_lp"], atol=1e-5)
+            opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
+            train.update(cfg, policy, critic, opt_p, opt_c, trajs[r], got[r]["adv"], lps, tok.pad_token_id, CPU,
+                         torch.Generator())
+            step[r] = {"policy": dict(policy.named_parameters()), "critic": dict(critic.named_parameters())}
+        weights = torch.load(tmp_path / f"{mode}-weights.pt", weights_only=False)
+        for part, start in (("policy", init[0]), ("critic", init[1])):
+            w0 = dict(start.named_parameters())
+            g = {k: (w0[k] - (step[0][part][k] + step[1][part][k]) / 2).detach() / 0.5 for k in w0}  # averaged gradient
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g.values()]))
+            coef = min(1.0, max_norm / (norm.item() + 1e-6))
+            assert coef < 1  # the clip is active: it must use the global norm of the averaged gradient
+            for k in w0:
+                want = w0[k].detach() - 0.5 * coef * g[k]
+                assert torch.allclose(weights[part][k], want, atol=2e-6, rtol=1e-5), (mode, part, k)
+
+
+def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """FSDP2 + bf16 + gradient checkpointing + micro-batches, 2 processes doing uneven work (HF generate on the
+    gathered weights): trains, and resuming from the sharded checkpoint of iteration 0 gives the uninterrupted run's
+    metrics exactly."""
+    flags = [*TINY, "--fsdp", "--dtype", "bf16", "--grad-ckpt", "--micro-tokens", "64", "--kl-coef", "0.01",
+             "--bootstrap", "--eval-episodes", "1",  # process 1 evaluates nothing: uneven generate calls
+             "--env-kwargs", '{"invalid_penalty": 0.1}']  # non-zero rewards: the critic learns something
+    full = str(tmp_path / "full")
+    r = torchrun_train([*flags, "--out", full], port=29532)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(d for d in os.listdir(full) if d.startswith("ckpt")) == ["ckpt-0", "ckpt-1"]
+    rows = metric_rows(full)
+    assert [row["iter"] for row in rows] == [0, 1, 2] and all(row["skipped_updates"] == 0 for row in rows[:2])
+    assert abs(rows[0]["engine_kl"]) < 1e-3 and rows[0]["value_loss"] > 0  # HF engine and trainer both compute in bf16
+    cut = str(tmp_path / "cut")  # what a run interrupted after iteration 0 leaves behind
+    os.makedirs(cut)
+    shutil.copytree(os.path.join(full, "ckpt-0"), os.path.join(cut, "ckpt-0"))
+    os.makedirs(os.path.join(cut, "ckpt-1.tmp"))  # a save that never finished: ignored
+    r = torchrun_train([*flags, "--out", cut, "--resume"], port=29533)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = metric_rows(cut)
+    assert [row["iter"] for row in resumed] == [0, 1, 2]
+    for a, b in zip(rows, resumed):
+        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+    from model import load_policy  # final/ is a whole model gathered from the shards
+    a, b = load_policy(os.path.join(full, "final"))[0], load_policy(os.path.join(cut, "final"))[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, load_policy("tiny")[0].lm_head.weight)
+
+
+def test_checkpoints_keep_the_newest_two_and_save_every(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(train.parse_config(TINY + ["--iters", "4", "--save-every", "3", "--out", out]))
+    assert sorted(d for d in os.listdir(out) if d.startswith("ckpt")) == ["ckpt-2", "ckpt-3"]  # every 3rd and the last
+    meta = torch.load(os.path.join(out, "ckpt-3", "meta.pt"), weights_only=False)
+    assert meta["iter"] == 3 and [r["iter"] for r in meta["history"]] == [0, 1, 2, 3]
+    assert scale.checkpoints(out) == [os.path.join(out, "ckpt-2"), os.path.join(out, "ckpt-3")]
+
+
+def test_critic_can_be_another_model(tmp_path, tiny):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    model, tok = tiny
+    small = tmp_path / "small-critic"
+    config = Qwen2Config(**{**model.config.to_dict(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "layer_types": None})
+    Qwen2ForCausalLM(config).save_pretrained(small)
+    tok.save_pretrained(small)
+    out = str(tmp_path / "run")
+    train.main(train.parse_config(TINY + ["--critic-model", str(small), "--out", out,
+                                          "--env-kwargs", '{"invalid_penalty": 0.1}']))
+    assert [r["iter"] for r in metric_rows(out)] == [0, 1, 2] and metric_rows(out)[0]["value_loss"] > 0
+    with open(os.path.join(small, "config.json")) as f:
+        assert json.load(f)["hidden_size"] == 64 != model.config.hidden_size
+    Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "vocab_size": 64})).save_pretrained(tmp_path / "few-ids")
+    with pytest.raises(SystemExit, match="--critic-model .* embeds 64 ids"):  # it could not read the policy's tokens
+        train.main(train.parse_config(TINY + ["--critic-model", str(tmp_path / "few-ids"), "--out", out]))
+
+
+class FakeLLM:
+    """Records what VLLMEngine asks of vllm.LLM."""
+    def __init__(self):
+        self.calls = []
+        self.llm_engine = type("E", (), {"model_config": type("C", (), {"dtype": torch.bfloat16})()})()
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, method, kwargs=None):
+        weights = list(kwargs["weights_iterator"]) if kwargs and "weights_iterator" in kwargs else None
+        self.calls.append((method, weights))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache", None))
+
+
+def test_vllm_engine_sleeps_then_wakes_weights_loads_them_then_wakes_the_kv_cache(tiny):
+    from rollout import VLLMEngine
+    model, _ = tiny
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM needed: the order of the calls is what is checked
+    engine.llm, engine.sleep_level, engine.asleep = FakeLLM(), 2, False
+    engine.sleep()
+    engine.sleep()  # already asleep: nothing
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1, 2]], 4, 1.0)
+    engine.sync(model)
+    (m1, a1), (m2, a2), (m3, weights), (m4, a4), (m5, _) = engine.llm.calls
+    assert (m1, a1, m2, a2, m3, m4, a4, m5) == ("sleep", 2, "wake_up", ["weights"], "reload_weights", "wake_up",
+                                                ["kv_cache"], "reset_prefix_cache")
+    assert [k for k, _ in weights] == list(model.state_dict())  # every tensor, never a reload from disk
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, model.state_dict()[k].to(torch.bfloat16)) for k, v in weights)
+    engine.llm.calls.clear()
+    engine.sync(model)  # awake: no wake-up, weights and a prefix-cache reset only
+    assert [c[0] for c in engine.llm.calls] == ["reload_weights", "reset_prefix_cache"]
+
+
+def test_critic_value_head_stays_fp32_under_bf16_autocast():
+    from model import load_critic
+    critic = load_critic("tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = critic(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    assert v.dtype == torch.float32
+
+
+def test_gpu_smoke_runs_every_setting_at_toy_size_on_cpu(tmp_path):
+    """bench/gpu_smoke.py, as on a GPU but with a 2-layer model on CPU (gloo): every setting runs 2 iterations."""
+    out = tmp_path / "smoke.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_smoke.py"), "--size", "toy", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out) as f:
+        report = json.load(f)
+    assert [s["setting"] for s in report["settings"]] == ["fp32-ddp", "bf16-ckpt", "bf16-ckpt-micro", "fsdp-bf16-ckpt",
+                                                          "fsdp-bf16-ckpt-micro"]
+    for s in report["settings"]:
+        assert s["status"] == "ok", (s["setting"], s["error"])
+        assert len(s["seconds"]) == 2 and set(s["seconds"][0]) == {"rollout", "credit", "logprobs", "update", "sync"}
+        assert s["peak_gib"]["max"] > 0 and min(s["gen_tokens_per_s"]) > 0 and min(s["train_tokens_per_s"]) > 0
+        assert s["skipped_updates"] == 0
