@@ -52,12 +52,16 @@ import string
 import tempfile
 from collections import Counter
 
-import bm25s
 import numpy as np
 
 from envs import multihop
 
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
+
+def _bm25s():
+    """bm25s, imported on first use: it loads numba, whose llvmlite breaks vLLM's module scan in the same process."""
+    import bm25s
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
+    return bm25s
 
 FILES = {"train": "hotpot_train_v1.1.json", "eval": "hotpot_dev_distractor_v1.json"}
 URL = "http://curtis.ml.cmu.edu/datasets/hotpot/"
@@ -173,6 +177,7 @@ _INDEXES = {}  # cache folder -> loaded corpus index, shared by every env of a p
 
 def bm25_index(docs):
     """A BM25 index over a list of strings (bm25s defaults: Lucene BM25, k1=1.5, b=0.75; English stop words)."""
+    bm25s = _bm25s()
     index = bm25s.BM25()
     index.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
     return index
@@ -180,7 +185,7 @@ def bm25_index(docs):
 
 def bm25_top(index, query, k):
     """Indices of the (at most) k documents with the highest positive BM25 score for `query`, best first."""
-    ids = index.get_tokens_ids(bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0])
+    ids = index.get_tokens_ids(_bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0])
     if not ids:  # only stop words or words the index has never seen
         return []
     scores = index.get_scores_from_ids(ids)  # (num_docs,)
@@ -230,7 +235,8 @@ def build_corpus_index(folder, passages):
         bm25_index(["%s: %s" % (p["title"], p["text"]) for p in passages]).save(tmp, corpus=passages,
                                                                                 show_progress=False)
         lines = os.path.join(tmp, "corpus.jsonl")  # + its line offsets, so loading never scans it
-        bm25s.utils.corpus.save_mmindex(bm25s.utils.corpus.find_newline_positions(lines, show_progress=False), lines)
+        corpus = _bm25s().utils.corpus
+        corpus.save_mmindex(corpus.find_newline_positions(lines, show_progress=False), lines)
         os.rename(tmp, folder)
     except OSError:
         if not os.path.isdir(folder):  # else a concurrent builder won the race: use its copy
@@ -241,7 +247,7 @@ def build_corpus_index(folder, passages):
 
 def corpus_index(sources, read_passages, cache_dir):
     """The cached BM25 index over the passages from `sources` (files), built on first use; corpus memory-mapped."""
-    key = hashlib.sha1(json.dumps([INDEX_VERSION, bm25s.__version__, [_stamp(p) for p in sources]]).encode())
+    key = hashlib.sha1(json.dumps([INDEX_VERSION, _bm25s().__version__, [_stamp(p) for p in sources]]).encode())
     folder = os.path.join(cache_dir, "bm25-" + key.hexdigest()[:16])
     if folder not in _INDEXES:
         os.makedirs(cache_dir, exist_ok=True)
@@ -249,7 +255,7 @@ def corpus_index(sources, read_passages, cache_dir):
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.isdir(folder):
                 build_corpus_index(folder, read_passages())
-        _INDEXES[folder] = bm25s.BM25.load(folder, load_corpus=True, mmap=True, show_progress=False, verbosity=0)
+        _INDEXES[folder] = _bm25s().BM25.load(folder, load_corpus=True, mmap=True, show_progress=False, verbosity=0)
     return _INDEXES[folder]
 
 
