@@ -261,7 +261,8 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     `seed` makes sampling reproducible: turn t of the g-th batch of envs uses seed + 1_000_003 g + t, so a task
     seed repeated in another batch still samples differently. Repeat a seed to sample a group of the same task.
     `expert=True` plays the env's `info["expert"]` responses instead of sampling (warm-start demonstrations):
-    their ids + the end-of-turn token, with log-probs 0; the engine is not called.
+    their ids + the end-of-turn token, with log-probs 0; the engine is not called; an episode ends at the first
+    state without an expert action.
     """
     if context not in ("full", "window"):
         raise ValueError(f"context must be 'full' or 'window', not {context!r}")
@@ -287,6 +288,9 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                 raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
                                  f"max_new_tokens ({max_new_tokens}) exceeds the context length {max_len}")
         for turn in range(max_steps):
+            if expert:  # a demonstration ends at the first state without an expert action
+                for e in episodes:
+                    e.live = e.live and bool(e.expert)
             live = [e for e in episodes if e.live]
             if not live:
                 break

@@ -13,6 +13,9 @@ X2?") and names only the first entity, so answering takes one search per hop. Ac
 
 Anything else is invalid (`info["invalid"]`, reward `-invalid_penalty`, the episode goes on). The expert
 searches the chain's entities in order and then answers, so an expert episode takes hops + 1 steps.
+`expert_slip=p` makes it fallible: in a fraction p of the episodes (drawn from the reset seed) it answers one hop
+early, with the last entity it has found (a wrong answer). Imitating it teaches the action format and copying,
+but not when to stop: that decision is left to RL (see the README's "The default run").
 `split="train"`, `"valid"` and `"eval"` draw questions from disjoint parts (62.5%, 12.5%, 25%) of all chains of
 the knowledge base (same KB, so eval measures generalisation to new questions, not new facts); valid is for
 choosing settings without looking at eval. `worlds="per_task"` draws a fresh KB for every task instead (train,
@@ -125,12 +128,15 @@ class MultiHopEnv:
     """One question per episode (see the module docstring for the protocol)."""
 
     def __init__(self, split="train", kb_seed=0, max_steps=8, invalid_penalty=0.0, n_people=12, n_companies=6,
-                 n_products=8, min_hops=2, max_hops=4, worlds="shared"):
+                 n_products=8, min_hops=2, max_hops=4, worlds="shared", expert_slip=0.0):
         if split not in ("train", "valid", "eval"):
             raise ValueError("split must be 'train', 'valid' or 'eval', not %r" % (split,))
         if worlds not in ("shared", "per_task"):
             raise ValueError("worlds must be 'shared' or 'per_task', not %r" % (worlds,))
+        if not 0.0 <= expert_slip <= 1.0:
+            raise ValueError("expert_slip must be in [0, 1], not %r" % (expert_slip,))
         self.split, self.max_steps, self.invalid_penalty = split, max_steps, invalid_penalty
+        self.expert_slip = expert_slip
         self.system_prompt = SYSTEM_PROMPT
         self.worlds, self.kb_seed, self.sizes, self.hops = worlds, kb_seed, (n_people, n_companies, n_products), (min_hops, max_hops)
         self.kb = build_kb(kb_seed, n_people, n_companies, n_products)
@@ -159,6 +165,7 @@ class MultiHopEnv:
         for r in rels:
             self.path.append(self.kb[self.path[-1]][r])
         self.gold = self.path[-1]
+        self.slip = random.Random(seed * 7919 + 17).random() < self.expert_slip  # this episode's expert answers early
         self.task_id = "multihop/%s/%s/%s" % (self.split, start, "/".join(rels))
         if self.worlds == "per_task":
             self.task_id += "/world%d" % seed
@@ -192,10 +199,11 @@ class MultiHopEnv:
         return obs, reward, self.done, info
 
     def _expert(self):
-        for name in self.path[:-1]:  # search each entity of the chain once, then answer
+        path = self.path[:-1] if self.slip else self.path  # a slip stops one hop early
+        for name in path[:-1]:  # search each entity of the chain once, then answer
             if name not in self.found:
                 return "<action>search[%s]</action>" % name
-        return "<action>answer[%s]</action>" % self.gold
+        return "<action>answer[%s]</action>" % path[-1]
 
     def _info(self, invalid):
         return dict(task_id=self.task_id, won=self.won, invalid=invalid, admissible=None,

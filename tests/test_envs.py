@@ -204,6 +204,24 @@ def test_multihop_expert_wins_every_task(split):
     assert set(hops) == {2, 3, 4}
 
 
+def test_multihop_expert_slip():
+    """expert_slip=p: in a seeded fraction p of episodes the expert answers one hop early (and loses)."""
+    always, half = envs.make("multihop", expert_slip=1.0), envs.make("multihop", expert_slip=0.5)
+    lost = []
+    for seed in range(200):
+        info, reward, steps = play_expert(always, seed)
+        assert not info["won"] and reward == 0.0 and steps <= len(always.path) - 1  # a search fewer
+        assert always.trace[-1][0] == "answer[%s]" % always.path[-2]  # the last entity it found
+        info, _, _ = play_expert(half, seed)
+        lost.append(not info["won"])
+        again = envs.make("multihop", expert_slip=0.5)
+        again.reset(seed)
+        assert again.slip == half.slip == lost[-1]  # drawn from the seed
+    assert 0.4 < sum(lost) / len(lost) < 0.6
+    with pytest.raises(ValueError, match="expert_slip"):
+        envs.make("multihop", expert_slip=1.5)
+
+
 def test_multihop_bad_responses_and_answers():
     env = envs.make("multihop", max_steps=len(BAD_RESPONSES) + 2)
     obs, info = env.reset(7)

@@ -182,7 +182,7 @@ def test_a_process_without_demonstrations_stops_every_process(tmp_path):
     r = torchrun_train([*TINY, "--out", str(tmp_path / "ddp"), "--env", "guess_plugin_ddp:GuessNoDemosOnRank1"],
                        port=29518, env={"PYTHONPATH": str(tmp_path)}, timeout=300)
     assert r.returncode != 0
-    assert r.stderr.count("a process got no winning expert episode") == 2, r.stderr[-3000:]  # both processes say it
+    assert r.stderr.count("a process got no expert demonstration") == 2, r.stderr[-3000:]  # both processes say it
 
 
 def test_help_shows_the_step_and_token_clip_defaults(capsys):
