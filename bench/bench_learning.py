@@ -38,7 +38,7 @@ METHODS = {  # name -> train.py flags; critic-free baselines use the token loss,
     "StepGAE+token-ratio": ["--estimator", "step_gae", "--loss", "token"],  # StepPO's credit, PPO's ratio and clip
     "TokenGAE+step-ratio": ["--estimator", "token_gae", "--loss", "step"],  # PPO's credit, StepPO's ratio and clip
 }
-LRS = [1e-5, 3e-5, 1e-4]
+LRS = [3e-5, 1e-4, 3e-4]  # around the default 1e-4, a factor ~3 each way
 TUNE_SEEDS, REPORT_SEEDS = [100, 101], [0, 1, 2, 3, 4]
 TUNE = ["--env", "multihop", "--eval-split", "valid"]  # choose on the validation questions, never on eval
 ALF = ["--max-steps", "10", "--max-new-tokens", "24", "--eval-episodes", "32",
