@@ -299,3 +299,32 @@ def test_plugin_by_module_path(tmp_path, monkeypatch):
     for name in ("alfworld", "multihop", "hotpotqa"):
         with pytest.raises(ValueError, match="split must be"):
             envs.make(name, split="test")
+
+
+def test_bench_failures_sorts_each_outcome():
+    """bench/bench_failures.py's outcome(): one hand-made episode per kind of failure, on a 3-hop question."""
+    import importlib.util
+    from step_mdp import Step, Trajectory
+    spec = importlib.util.spec_from_file_location("bench_failures", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_failures.py"))
+    bf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bf)
+    env = envs.make("multihop")
+    seed = next(s for s in range(len(env)) if env.reset(s) and len(env.path) == 4)  # e0 -> e1 -> e2 -> answer e3
+    p = env.path
+    other = next(n for n in env.kb if n not in p)
+    act = lambda tool, arg: "<action>%s[%s]</action>" % (tool, arg)
+    episode = lambda *texts, won=False: Trajectory([Step([], [], [], action_text=t) for t in texts], "t", True, won)
+    right = [act("search", p[0]), act("search", p[1]), act("search", p[2])]
+    cases = {"won": episode(*right, act("answer", p[3]), won=True),
+             "invalid": episode(act("search", p[0]), "I think so", act("answer", p[3])),
+             "no answer": episode(*right, act("search", p[3])),
+             "wrong first search": episode(act("search", other), act("answer", p[3])),
+             "off the chain (hop >= 2)": episode(act("search", p[0]), act("search", other), act("answer", p[3])),
+             "answered early": episode(*right[:2], act("answer", p[2])),
+             "searched past the chain": episode(*right, act("search", p[3]), act("answer", other)),
+             "right searches, wrong answer": episode(*right, act("answer", other))}
+    assert set(cases) == set(bf.OUTCOMES)
+    for want, traj in cases.items():
+        env.reset(seed)
+        assert bf.outcome(env, traj) == want, want
