@@ -165,8 +165,8 @@ def report(sweep, chosen, table, runs, warm):
                       f"{ARGS.jobs} runs at a time", "lrs": LRS, "tune_seeds": TUNE_SEEDS, "report_seeds": REPORT_SEEDS,
            "sweep": [dict(j, **summarize(j)) for j in sweep if finished(j)], "sweep_auc": table, "chosen_lr": chosen,
            "warm_starts": {w["env"]: summarize(w) for w in warm if finished(w)}, "runs": [], "summary": {}, "paired": {}}
-    lines = ["| env | method | lr | seeds | eval at start | final eval (95% CI) | AUC (95% CI) | env steps | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| env | method | lr | seeds | eval at start | final eval (95% CI) | gain over start, paired (95% CI) "
+             "| AUC (95% CI) | env steps | wall s/run |", "|---|---|---|---|---|---|---|---|---|---|"]
     paired = ["| env | StepPO minus | final: mean diff (95% CI) | AUC: mean diff (95% CI) | seeds StepPO better / worse (AUC) |",
               "|---|---|---|---|---|"]
     for env in ARGS.envs:
@@ -182,11 +182,13 @@ def report(sweep, chosen, table, runs, warm):
             f, fh = ci95([x["final"] for x in s])
             a, ah = ci95([x["auc"] for x in s])
             st, _ = ci95([x["start"] for x in s])
+            gain, gh = ci95([x["final"] - x["start"] for x in s])  # each seed against its own warm start
             res["summary"][f"{env}/{m}"] = {"lr": s[0]["lr"], "seeds": [x["seed"] for x in s], "start": st, "final": f,
-                                            "final_ci95": fh, "auc": a, "auc_ci95": ah,
+                                            "final_ci95": fh, "gain": gain, "gain_ci95": gh, "auc": a, "auc_ci95": ah,
                                             "env_steps": float(np.mean([x["env_steps"] for x in s])),
                                             "wall_s": float(np.mean([x["wall_s"] or 0 for x in s]))}
-            lines.append(f"| {env} | {m} | {s[0]['lr']:g} | {len(s)} | {st:.3f} | {f:.3f} ± {fh:.3f} | {a:.3f} ± {ah:.3f} "
+            lines.append(f"| {env} | {m} | {s[0]['lr']:g} | {len(s)} | {st:.3f} | {f:.3f} ± {fh:.3f} | {gain:+.3f} ± {gh:.3f} "
+                         f"| {a:.3f} ± {ah:.3f} "
                          f"| {np.mean([x['env_steps'] for x in s]):.0f} | {np.mean([x['wall_s'] or 0 for x in s]):.0f} |")
             curves = np.array([x["eval"] for x in s])
             mean = curves.mean(0)
