@@ -183,13 +183,12 @@ def report(sweep, chosen, table, runs, warm):
             a, ah = ci95([x["auc"] for x in s])
             st, _ = ci95([x["start"] for x in s])
             gain, gh = ci95([x["final"] - x["start"] for x in s])  # each seed against its own warm start
-            res["summary"][f"{env}/{m}"] = {"lr": s[0]["lr"], "seeds": [x["seed"] for x in s], "start": st, "final": f,
-                                            "final_ci95": fh, "gain": gain, "gain_ci95": gh, "auc": a, "auc_ci95": ah,
-                                            "env_steps": float(np.mean([x["env_steps"] for x in s])),
-                                            "wall_s": float(np.mean([x["wall_s"] or 0 for x in s]))}
-            lines.append(f"| {env} | {m} | {s[0]['lr']:g} | {len(s)} | {st:.3f} | {f:.3f} ± {fh:.3f} | {gain:+.3f} ± {gh:.3f} "
-                         f"| {a:.3f} ± {ah:.3f} "
-                         f"| {np.mean([x['env_steps'] for x in s]):.0f} | {np.mean([x['wall_s'] or 0 for x in s]):.0f} |")
+            sm = res["summary"][f"{env}/{m}"] = {
+                "lr": s[0]["lr"], "seeds": [x["seed"] for x in s], "start": st, "final": f, "final_ci95": fh,
+                "gain": gain, "gain_ci95": gh, "auc": a, "auc_ci95": ah,
+                "env_steps": float(np.mean([x["env_steps"] for x in s])), "wall_s": float(np.mean([x["wall_s"] or 0 for x in s]))}
+            lines.append(f"| {env} | {m} | {sm['lr']:g} | {len(s)} | {st:.3f} | {f:.3f} ± {fh:.3f} | {gain:+.3f} ± {gh:.3f} "
+                         f"| {a:.3f} ± {ah:.3f} | {sm['env_steps']:.0f} | {sm['wall_s']:.0f} |")
             curves = np.array([x["eval"] for x in s])
             mean = curves.mean(0)
             half = [ci95(c)[1] for c in curves.T] if len(s) > 1 else np.zeros_like(mean)
