@@ -13,9 +13,11 @@ X2?") and names only the first entity, so answering takes one search per hop. Ac
 
 Anything else is invalid (`info["invalid"]`, reward `-invalid_penalty`, the episode goes on). The expert
 searches the chain's entities in order and then answers, so an expert episode takes hops + 1 steps.
-`expert_slip=p` makes it fallible: in a fraction p of the episodes (drawn from the reset seed) it answers one hop
-early, with the last entity it has found (a wrong answer). Imitating it teaches the action format and copying,
-but not when to stop: that decision is left to RL (see the README's "The default run").
+The expert is impatient by default: in a fraction `expert_slip` = 0.7 of the episodes (drawn from the reset seed)
+it answers one hop early, with the last entity it has found (a wrong answer). Imitating it teaches the action
+format and reading, and the habit of stopping too soon, which RL can unlearn from the reward: the warm start's
+greedy policy answers early on most questions, and the default run learns to finish the chain (README "The default
+run"). `expert_slip=0` gives an expert that always wins.
 `split="train"`, `"valid"` and `"eval"` draw questions from disjoint parts (62.5%, 12.5%, 25%) of all chains of
 the knowledge base (same KB, so eval measures generalisation to new questions, not new facts); valid is for
 choosing settings without looking at eval. `worlds="per_task"` draws a fresh KB for every task instead (train,
@@ -128,7 +130,7 @@ class MultiHopEnv:
     """One question per episode (see the module docstring for the protocol)."""
 
     def __init__(self, split="train", kb_seed=0, max_steps=8, invalid_penalty=0.0, n_people=12, n_companies=6,
-                 n_products=8, min_hops=2, max_hops=4, worlds="shared", expert_slip=0.0):
+                 n_products=8, min_hops=2, max_hops=4, worlds="shared", expert_slip=0.7):
         if split not in ("train", "valid", "eval"):
             raise ValueError("split must be 'train', 'valid' or 'eval', not %r" % (split,))
         if worlds not in ("shared", "per_task"):

@@ -195,7 +195,7 @@ def test_alfworld_prompt_window(small_pools):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("split", ["train", "valid", "eval"])
 def test_multihop_expert_wins_every_task(split):
-    env = envs.make("multihop", split=split)
+    env = envs.make("multihop", split=split, expert_slip=0.0)  # the default expert is impatient (slip 0.7)
     hops = collections.Counter()
     for seed in range(len(env)):
         info, reward, steps = play_expert(env, seed)
@@ -205,7 +205,7 @@ def test_multihop_expert_wins_every_task(split):
 
 
 def test_multihop_expert_slip():
-    """expert_slip=p: in a seeded fraction p of episodes the expert answers one hop early (and loses)."""
+    """expert_slip=p: in a seeded fraction p of episodes the expert answers one hop early (and loses); default 0.7."""
     always, half = envs.make("multihop", expert_slip=1.0), envs.make("multihop", expert_slip=0.5)
     lost = []
     for seed in range(200):
@@ -218,6 +218,8 @@ def test_multihop_expert_slip():
         again.reset(seed)
         assert again.slip == half.slip == lost[-1]  # drawn from the seed
     assert 0.4 < sum(lost) / len(lost) < 0.6
+    default = envs.make("multihop")
+    assert 0.6 < sum(play_expert(default, seed)[1] == 0.0 for seed in range(200)) / 200 < 0.8
     with pytest.raises(ValueError, match="expert_slip"):
         envs.make("multihop", expert_slip=1.5)
 
@@ -253,9 +255,10 @@ def test_multihop_determinism_and_splits():
 def test_multihop_per_task_worlds():
     """worlds="per_task": every task seed draws its own knowledge base, so a policy must read the fact cards; the
     same seed gives the same world and question, train and eval never share a world, and the expert wins."""
-    tr, ev = envs.make("multihop", worlds="per_task"), envs.make("multihop", split="eval", worlds="per_task")
-    va = envs.make("multihop", split="valid", worlds="per_task")
-    again = envs.make("multihop", worlds="per_task")
+    tr = envs.make("multihop", worlds="per_task", expert_slip=0.0)
+    ev = envs.make("multihop", split="eval", worlds="per_task", expert_slip=0.0)
+    va = envs.make("multihop", split="valid", worlds="per_task", expert_slip=0.0)
+    again = envs.make("multihop", worlds="per_task", expert_slip=0.0)
     kbs = set()
     for seed in range(40):
         for env in (tr, ev, va):
