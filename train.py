@@ -374,7 +374,7 @@ def main(cfg: Config):
     critic_ddp = scale.prepare(critic, cfg, device) if critic is not None else None
     if ref is not None:
         ref = scale.prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
-    opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)  # RL's; the warm start has its own
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
     parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref, None)}  # what a checkpoint holds
     env_kwargs = json.loads(cfg.env_kwargs)
@@ -420,7 +420,8 @@ def main(cfg: Config):
             demos = [t for t in rollouts(engine, train_envs, demo_seeds, 0.0, cfg.seed, expert=True) if t.steps]
             if all_sum([float(not demos)], device)[0]:  # every process stops together, none waits for the others
                 raise SystemExit(f"error: --sft-steps: a process got no expert demonstration from {cfg.env!r} (info[\"expert\"])")
-            sft_loss = warm_start(cfg, policy_ddp, opt_p, demos, pad_id, device, g)
+            opt_sft = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)  # RL starts afresh, as
+            sft_loss = warm_start(cfg, policy_ddp, opt_sft, demos, pad_id, device, g)  # from a saved warm start
             if master:  # behaviour cloning of the expert as it plays, won or lost
                 print(f"warm start: {cfg.sft_steps} steps on {len(demos)} expert episodes "
                       f"({sum(t.success for t in demos)} won), final NLL {sft_loss:.3f}")
@@ -431,8 +432,6 @@ def main(cfg: Config):
     if master:  # metrics.jsonl holds exactly the iterations in the checkpoint's history
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in history)
-    for group in opt_p.param_groups:
-        group["lr"] = cfg.lr  # RL learning rate from here on (the warm start used sft_lr)
     engine.sync(policy)
 
     bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", disable=None if master else True)

@@ -59,6 +59,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_iters_zero_is_a_warm_start_other_runs_can_share(tmp_path):
+    """Warm start (--iters 0), then RL from its saved policy = one run doing both: RL starts with a fresh optimiser
+    either way, and the critic and the KL reference start from the warm-started policy (benches rely on this)."""
     warm, rows = run(tmp_path, "--iters", "0", "--eval-episodes", "4", name="warm")
     assert [set(r) for r in rows] == [{"iter", "eval_success_rate"}]  # warm start, one evaluation, no RL
     from model import load_policy
@@ -66,6 +68,9 @@ def test_iters_zero_is_a_warm_start_other_runs_can_share(tmp_path):
     assert not torch.equal(base.lm_head.weight, saved.lm_head.weight)  # the saved policy is the warm-started one
     _, rl = run(tmp_path, "--model", os.path.join(warm, "final"), "--sft-steps", "0", "--eval-episodes", "4", name="rl")
     assert rl[0]["eval_success_rate"] == rows[0]["eval_success_rate"]  # it starts where the warm start ended
+    _, both = run(tmp_path, "--eval-episodes", "4", name="both")
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in rl] == \
+           [{k: v for k, v in r.items() if k not in TIMING} for r in both]
 
 
 def test_resume_errors_are_clear(tmp_path):
