@@ -38,8 +38,12 @@ METHODS = {  # name -> train.py flags; critic-free baselines use the token loss,
     "StepGAE+token-ratio": ["--estimator", "step_gae", "--loss", "token"],  # StepPO's credit, PPO's ratio and clip
     "TokenGAE+step-ratio": ["--estimator", "token_gae", "--loss", "step"],  # PPO's credit, StepPO's ratio and clip
 }
-LRS = [1e-4, 3e-4, 1e-3]  # around the default 3e-4, a factor ~3 each way
+LRS = [3e-5, 1e-4, 3e-4]  # around the default 1e-4, a factor ~3 each way
 TUNE_SEEDS, REPORT_SEEDS = [100, 101], [0, 1, 2, 3, 4]
+sys.path.insert(0, ROOT)
+from train import Config  # noqa: E402
+
+ITERS = Config.iters  # train.py's default --iters (what a run without --iters does)
 TUNE = ["--env", "multihop", "--eval-split", "valid"]  # choose on the validation questions, never on eval
 ALF = ["--max-steps", "10", "--max-new-tokens", "24", "--eval-episodes", "32",
        "--env-kwargs", '{"n_receptacles": 3, "invalid_penalty": 0.05}']
@@ -83,7 +87,7 @@ def flag(cmd, name, default):
 def finished(job):
     """The run got to its final evaluation row."""
     rows = metrics(job["out"])
-    return bool(rows) and rows[-1]["iter"] == flag(job["cmd"], "--iters", 30) and "eval_success_rate" in rows[-1]
+    return bool(rows) and rows[-1]["iter"] == flag(job["cmd"], "--iters", ITERS) and "eval_success_rate" in rows[-1]
 
 
 def run_all(jobs):
