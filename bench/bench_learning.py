@@ -52,9 +52,9 @@ ENV_ARGS = {  # multihop: train.py's defaults (RL from a saved warm start, below
     "alfworld": ["--env", "alfworld", "--iters", "24", "--envs-per-iter", "16", "--eval-every", "4", *ALF],
 }
 # Every run starts from a saved warm start (train.py --iters 0, then --model <warm>/final --sft-steps 0) shared by
-# all the runs of its env and seed: 1000 supervised steps per run would cost more than the RL on 2 cores. (So a
-# bench run starts RL with a fresh AdamW, where `python train.py` carries the warm start's moments: the bench's
-# StepPO seed 0 is not the default run, and the default run is reported in the README on its own.)
+# all the runs of its env and seed: 1000 supervised steps per run would cost more than the RL on 2 cores. RL starts
+# with a fresh optimiser either way, so this equals one full run (test_iters_zero_is_a_warm_start_other_runs_can_share):
+# multihop StepPO at lr 1e-4, seed 0, is `python train.py`.
 # ALFWorld: one warm start (seed 0) for every seed; the tiny model needs ~300 supervised steps there.
 WARM = {"tune": [*TUNE, "--iters", "0"], "multihop": ["--iters", "0"],
         "alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "300", "--sft-episodes", "128", *ALF]}
