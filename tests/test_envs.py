@@ -255,10 +255,9 @@ def test_multihop_determinism_and_splits():
 def test_multihop_per_task_worlds():
     """worlds="per_task": every task seed draws its own knowledge base, so a policy must read the fact cards; the
     same seed gives the same world and question, train and eval never share a world, and the expert wins."""
-    tr = envs.make("multihop", worlds="per_task", expert_slip=0.0)
-    ev = envs.make("multihop", split="eval", worlds="per_task", expert_slip=0.0)
-    va = envs.make("multihop", split="valid", worlds="per_task", expert_slip=0.0)
-    again = envs.make("multihop", worlds="per_task", expert_slip=0.0)
+    kw = dict(worlds="per_task", expert_slip=0.0)  # an expert that always wins
+    tr, ev, va = (envs.make("multihop", split=split, **kw) for split in ("train", "eval", "valid"))
+    again = envs.make("multihop", **kw)
     kbs = set()
     for seed in range(40):
         for env in (tr, ev, va):
