@@ -296,7 +296,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                 break
             if expert:  # demonstrations: the expert's text as the model would emit it, ending the turn
                 outs = [(ids, [0.0] * len(ids)) for ids in
-                        (encode(tokenizer, e.expert or "") + [tokenizer.eos_token_id] for e in live)]
+                        (encode(tokenizer, e.expert) + [tokenizer.eos_token_id] for e in live)]
             else:
                 outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
                                        seed=None if batch_seed is None else batch_seed + turn)
