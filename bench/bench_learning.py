@@ -55,8 +55,8 @@ ENV_ARGS = {  # multihop: train.py's defaults (RL from a saved warm start, below
 # all the runs of its env and seed: 1000 supervised steps per run would cost more than the RL on 2 cores. RL starts
 # with a fresh optimiser either way, so this equals one full run (test_iters_zero_is_a_warm_start_other_runs_can_share):
 # multihop StepPO at lr 1e-4, seed 0, is `python train.py`.
-# ALFWorld: one warm start (seed 0) for every seed, 300 supervised steps. Not yet a budget RL moves: on a tuning seed
-# StepPO stayed at its warm start (bench/results/alfworld_budget_probe.md); the ALFWorld half waits for a slipping expert.
+# ALFWorld: one warm start (seed 0) for every seed, 300 supervised steps. Not yet a budget RL moves: on a tuning
+# seed StepPO stayed at its warm start (bench/results/alfworld_budget_probe.md); this half waits for a slipping expert.
 WARM = {"tune": [*TUNE, "--iters", "0"], "multihop": ["--iters", "0"],
         "alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "300", "--sft-episodes", "128", *ALF]}
 WARM_SEEDS = {"tune": TUNE_SEEDS, "multihop": REPORT_SEEDS, "alfworld": [0]}
