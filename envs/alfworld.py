@@ -23,6 +23,11 @@ or an action that is not admissible, is invalid: the engine is not stepped, the 
 went wrong and lists the admissible actions, `info["invalid"]` is True, the reward is `-invalid_penalty`
 and the episode goes on (the turn still counts toward `max_steps`).
 
+Expert. `info["expert"]` is the PDDL planner's next action. `expert_slip=p` makes it fallible like multihop's: in
+a fraction p of episodes (drawn from the reset seed) it stops one action short of the goal and looks around until
+the step limit, so it loses. Demonstrations then carry a habit the reward can unlearn (bench/bench_learning.py uses
+it); the default 0 is the planner as ALFWorld ships it.
+
 Observations. `reset`/`step` return the engine's text followed by the admissible actions: the message
 for the next turn when the whole conversation is kept ("full" context). `info["prompt"]` is the paper's
 "window" ALFWorld prompt, a fresh self-contained user message: task, number of steps taken, the last
@@ -32,6 +37,7 @@ import functools
 import glob
 import json
 import os
+import random
 import re
 import shutil
 from collections import OrderedDict
@@ -142,13 +148,18 @@ class AlfWorldEnv:
     """One ALFWorld episode at a time (see the module docstring for the protocol)."""
 
     def __init__(self, split="train", data_dir=None, n_games=None, max_steps=30, invalid_penalty=0.0,
-                 history=3, task_types=None, cache_dir=None, n_receptacles=4, n_distractors=1, max_plan_len=12):
+                 history=3, task_types=None, cache_dir=None, n_receptacles=4, n_distractors=1, max_plan_len=12,
+                 expert_slip=0.0):
         """split: "train" or "eval". data_dir: folder holding json_2.1.1/ (default $ALFWORLD_DATA, else
         generated games). n_games: pool size (generated default 60; official default all). task_types:
-        keep only these task types. n_receptacles / n_distractors / max_plan_len: generated scene size."""
+        keep only these task types. n_receptacles / n_distractors / max_plan_len: generated scene size.
+        expert_slip: fraction of episodes whose expert stops one action short (module docstring)."""
         if split not in ("train", "eval"):
             raise ValueError("split must be 'train' or 'eval', not %r" % (split,))
+        if not 0.0 <= expert_slip <= 1.0:
+            raise ValueError("expert_slip must be in [0, 1], not %r" % (expert_slip,))
         self.split, self.max_steps, self.invalid_penalty, self.history = split, max_steps, invalid_penalty, history
+        self.expert_slip = expert_slip
         self.system_prompt = SYSTEM_PROMPT
         split_dir = alfworld_gen.SPLIT_DIRS[split]
         task_types = tuple(task_types) if task_types is not None else None
@@ -188,6 +199,7 @@ class AlfWorldEnv:
         self.task = intro.split("Your task is to: ", 1)[-1].strip()
         self.obs = intro.split("=-", 1)[-1].split("Your task is to:")[0].strip()
         self.t, self.done, self.won, self.trace = 0, False, False, []
+        self.slip = random.Random(seed * 7919 + 17).random() < self.expert_slip  # as envs/multihop.py
         return self._observation(intro), self._info(invalid=False, action=None)
 
     def step(self, response):
@@ -223,6 +235,8 @@ class AlfWorldEnv:
 
     def _info(self, invalid, action):
         plan = self._state.get("extra.expert_plan") or []
+        if self.slip and len(plan) == 1:  # one action from the goal: a slipping expert looks around instead
+            plan = ["look"]
         admissible = list(self._state["admissible_commands"])
         return dict(task_id=self.task_id, won=self.won, invalid=invalid, admissible=admissible,
                     expert=None if self.done or not plan else "<action>%s</action>" % plan[0],

@@ -86,6 +86,32 @@ def test_alfworld_invalid_penalty_and_truncation(small_pools, tmp_path):
         env.step("<action>look</action>")
 
 
+def test_alfworld_expert_slip(small_pools):
+    """expert_slip=p: in a seeded fraction p of episodes the expert stops one action short of the goal and looks
+    around until the step limit (it loses); the default 0 is the planner as shipped."""
+    cache = small_pools[2]
+    always = envs.make("alfworld", n_games=12, cache_dir=cache, max_steps=15, expert_slip=1.0)
+    half = envs.make("alfworld", n_games=12, cache_dir=cache, max_steps=15, expert_slip=0.5)
+    for seed in range(3):
+        obs, info = always.reset(seed)
+        actions = []
+        while not always.done:
+            actions.append(info["expert"])
+            obs, reward, done, info = always.step(info["expert"])
+        assert not info["won"] and info["truncated"] and actions[-1] == "<action>look</action>"
+        assert not info["invalid"]  # "look" is always admissible
+        assert play_expert(small_pools[0], seed)[0]["won"]  # same game, default expert: won
+    def slips(env):
+        return [env.reset(seed) and env.slip for seed in range(40)]
+    assert 10 <= sum(slips(half)) <= 30
+    assert slips(envs.make("alfworld", n_games=12, cache_dir=cache, expert_slip=0.5)) == slips(half)  # from the seed
+    for seed in range(4):
+        half.reset(seed)
+        assert play_expert(half, seed)[0]["won"] == (not half.slip)
+    with pytest.raises(ValueError, match="expert_slip"):
+        envs.make("alfworld", n_games=12, cache_dir=cache, expert_slip=-0.1)
+
+
 def test_alfworld_determinism(small_pools):
     train = small_pools[0]
     again = envs.make("alfworld", split="train", n_games=12, cache_dir=small_pools[2])
