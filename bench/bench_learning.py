@@ -1,4 +1,4 @@
-"""Learning comparison v2: StepPO against PPO, GRPO, RLOO, GiGPO, REINFORCE++-baseline and two ablations.
+"""Learning comparison (v3): StepPO against PPO, GRPO, RLOO, GiGPO, REINFORCE++-baseline and two ablations.
 
     python bench/bench_learning.py                      # everything: lr sweeps, then 5 reported seeds, both envs
     python bench/bench_learning.py --envs multihop --jobs 2
