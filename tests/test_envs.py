@@ -101,6 +101,7 @@ def test_alfworld_expert_slip(small_pools):
         assert not info["won"] and info["truncated"] and actions[-1] == "<action>look</action>"
         assert not info["invalid"]  # "look" is always admissible
         assert play_expert(small_pools[0], seed)[0]["won"]  # same game, default expert: won
+
     def slips(env):
         return [env.reset(seed) and env.slip for seed in range(40)]
     assert 10 <= sum(slips(half)) <= 30
