@@ -93,12 +93,8 @@ def test_alfworld_expert_slip(small_pools):
     always = envs.make("alfworld", n_games=12, cache_dir=cache, max_steps=15, expert_slip=1.0)
     half = envs.make("alfworld", n_games=12, cache_dir=cache, max_steps=15, expert_slip=0.5)
     for seed in range(3):
-        obs, info = always.reset(seed)
-        actions = []
-        while not always.done:
-            actions.append(info["expert"])
-            obs, reward, done, info = always.step(info["expert"])
-        assert not info["won"] and info["truncated"] and actions[-1] == "<action>look</action>"
+        info, reward, steps = play_expert(always, seed)
+        assert not info["won"] and info["truncated"] and always.trace[-1][0] == "look"
         assert not info["invalid"]  # "look" is always admissible
         assert play_expert(small_pools[0], seed)[0]["won"]  # same game, default expert: won
 
@@ -107,8 +103,7 @@ def test_alfworld_expert_slip(small_pools):
     assert 10 <= sum(slips(half)) <= 30
     assert slips(envs.make("alfworld", n_games=12, cache_dir=cache, expert_slip=0.5)) == slips(half)  # from the seed
     for seed in range(4):
-        half.reset(seed)
-        assert play_expert(half, seed)[0]["won"] == (not half.slip)
+        assert play_expert(half, seed)[0]["won"] == (not half.slip)  # play_expert resets: half.slip is this seed's
     with pytest.raises(ValueError, match="expert_slip"):
         envs.make("alfworld", n_games=12, cache_dir=cache, expert_slip=-0.1)
 
