@@ -13,11 +13,13 @@ Protocol (nothing reported was used to choose anything):
    seed start from the same saved warm start (multihop: one `--iters 0` run per seed, tuning seeds included;
    ALFWorld: one for every seed), so StepPO and a baseline are compared seed by seed (paired).
 Every run is one `python train.py ...` process (its exact command is in results/learning.json), 1 thread, `--jobs`
-at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped, so the benchmark can be
-stopped and restarted at any time. Methods run at the authors' settings for each (train.py's defaults: k3 KL loss
+at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped and an interrupted one
+continues from its newest checkpoint (train.py --resume, exact), so the benchmark can be stopped and restarted at any
+time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Methods run at the authors' settings for each (train.py's defaults: k3 KL loss
 0.001, 1 epoch, gamma = lambda = 1; the step loss clips at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
 import argparse
+import glob
 import json
 import os
 import platform
@@ -45,8 +47,10 @@ from train import Config  # noqa: E402
 
 ITERS = Config.iters  # train.py's default --iters (what a run without --iters does)
 TUNE = ["--env", "multihop", "--eval-split", "valid"]  # choose on the validation questions, never on eval
-ALF = ["--max-steps", "10", "--max-new-tokens", "24", "--eval-episodes", "32",
-       "--env-kwargs", '{"n_receptacles": 3, "invalid_penalty": 0.05}']
+# ALFWorld: small generated scenes, 10 turns (the env's own max_steps too, so demonstrations stop there) and a planner
+# that slips in 70% of episodes, as multihop's expert does (bench/results/alfworld_slip_probe.md)
+ALF = ["--max-steps", "10", "--max-new-tokens", "24", "--eval-episodes", "32", "--env-kwargs",
+       '{"n_receptacles": 3, "invalid_penalty": 0.05, "expert_slip": 0.7, "max_steps": 10}']
 ENV_ARGS = {  # multihop: train.py's defaults (RL from a saved warm start, below)
     "multihop": [],
     "alfworld": ["--env", "alfworld", "--iters", "24", "--envs-per-iter", "16", "--eval-every", "4", *ALF],
@@ -55,10 +59,10 @@ ENV_ARGS = {  # multihop: train.py's defaults (RL from a saved warm start, below
 # all the runs of its env and seed: 1000 supervised steps per run would cost more than the RL on 2 cores. RL starts
 # with a fresh optimiser either way, so this equals one full run (test_iters_zero_is_a_warm_start_other_runs_can_share):
 # multihop StepPO at lr 1e-4, seed 0, is `python train.py`.
-# ALFWorld: one warm start (seed 0) for every seed, 300 supervised steps. Not yet a budget RL moves: on a tuning
-# seed StepPO stayed at its warm start (bench/results/alfworld_budget_probe.md); this half waits for a slipping expert.
+# ALFWorld: one warm start (seed 0) for every seed (20 min at 2 threads), multihop's 1000 steps on 256 demonstrations.
+# On tuning seed 100 StepPO moved off it within 8 iterations (probe above); 300 steps on an infallible expert did not.
 WARM = {"tune": [*TUNE, "--iters", "0"], "multihop": ["--iters", "0"],
-        "alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "300", "--sft-episodes", "128", *ALF]}
+        "alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "1000", "--sft-episodes", "256", *ALF]}
 WARM_SEEDS = {"tune": TUNE_SEEDS, "multihop": REPORT_SEEDS, "alfworld": [0]}
 
 
@@ -101,17 +105,18 @@ def run_all(jobs):
         while todo and len(running) < ARGS.jobs:
             j = todo.pop(0)
             os.makedirs(os.path.join(ROOT, j["out"]), exist_ok=True)
-            log = open(os.path.join(ROOT, j["out"], "train.log"), "w")
-            p = subprocess.Popen(j["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[p.pid] = (j, time.time(), log)
-            print(f"start {' '.join(j['cmd'][1:])}", flush=True)
+            resume = any(".tmp" not in c for c in glob.glob(os.path.join(ROOT, j["out"], "ckpt-*", "meta.pt")))
+            log = open(os.path.join(ROOT, j["out"], "train.log"), "a" if resume else "w")
+            p = subprocess.Popen(j["cmd"] + ["--resume"] * resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[p.pid] = (j, time.time(), log, resume)
+            print(f"{'resume' if resume else 'start'} {' '.join(j['cmd'][1:])}", flush=True)
         pid, status, usage = os.wait4(-1, 0)
-        j, t0, log = running.pop(pid)
+        j, t0, log, resume = running.pop(pid)
         log.close()
         if os.waitstatus_to_exitcode(status) != 0:
             sys.exit(f"failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(j['cmd'])}; see {j['out']}/train.log")
         with open(os.path.join(ROOT, j["out"], "bench_stats.json"), "w") as f:
-            json.dump({"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024}, f)
+            json.dump({"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resume}, f)
         print(f"done in {time.time() - t0:.0f} s: {j['out']}", flush=True)
 
 
