@@ -16,7 +16,8 @@ Every run is one `python train.py ...` process (its exact command is in results/
 at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped and an interrupted one
 continues from its newest checkpoint (train.py --resume, exact), so the benchmark can be stopped and restarted at any
 time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Methods run at the
-authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
+authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips
+at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
 import argparse
 import glob
