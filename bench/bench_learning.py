@@ -20,7 +20,6 @@ authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamm
 at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
 import argparse
-import glob
 import json
 import os
 import platform
@@ -44,6 +43,7 @@ METHODS = {  # name -> train.py flags; critic-free baselines use the token loss,
 LRS = [3e-5, 1e-4, 3e-4]  # around the default 1e-4, a factor ~3 each way
 TUNE_SEEDS, REPORT_SEEDS = [100, 101], [0, 1, 2, 3, 4]
 sys.path.insert(0, ROOT)
+import scale  # noqa: E402
 from train import Config  # noqa: E402
 
 ITERS = Config.iters  # train.py's default --iters (what a run without --iters does)
@@ -106,7 +106,7 @@ def run_all(jobs):
         while todo and len(running) < ARGS.jobs:
             j = todo.pop(0)
             os.makedirs(os.path.join(ROOT, j["out"]), exist_ok=True)
-            resume = any(".tmp" not in c for c in glob.glob(os.path.join(ROOT, j["out"], "ckpt-*", "meta.pt")))
+            resume = bool(scale.checkpoints(os.path.join(ROOT, j["out"])))  # an interrupted run
             log = open(os.path.join(ROOT, j["out"], "train.log"), "a" if resume else "w")
             p = subprocess.Popen(j["cmd"] + ["--resume"] * resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[p.pid] = (j, time.time(), log, resume)
