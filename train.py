@@ -86,7 +86,7 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 5  # evaluate every this many iterations (and at the start and the end)
     eval_episodes: int = 64  # held-out (split=eval) episodes per evaluation, greedy
-    eval_split: str = "eval"  # eval (held out) | valid (multihop) | train: choose settings without the eval tasks
+    eval_split: str = "eval"  # eval (held out) | valid (multihop, alfworld) | train: choose settings without eval tasks
     seed: int = 0  # everything random derives from it
     out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt-<iter>/, final/, curve.png
     resume: bool = False  # continue from the newest <out>/ckpt-<iter>/

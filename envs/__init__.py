@@ -18,7 +18,8 @@ tools. `info` always has:
                "<action>go to cabinet 1</action>"), or None when there is no expert (or after done)
     prompt     a fresh self-contained user message for the "window" context mode
 Unparseable responses never raise; stepping after `done` raises RuntimeError. `split="train"` and
-`split="eval"` give disjoint task pools. A user's own env is any class with this interface, loaded by
+`split="eval"` give disjoint task pools (multihop and alfworld also have `split="valid"`, disjoint from both, for
+choosing settings). A user's own env is any class with this interface, loaded by
 `"module.path:ClassName"` (the plugin path forks use).
 """
 import importlib

@@ -32,7 +32,7 @@ GEN_VERSION = 2  # bump when the generated games change; part of the cache key
 TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
               "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
 DATA_DIR = os.path.join(os.path.dirname(alfworld.__file__), "data")
-SPLIT_DIRS = {"train": "train", "eval": "valid_unseen"}  # our split name -> official folder
+SPLIT_DIRS = {"train": "train", "valid": "valid_seen", "eval": "valid_unseen"}  # our split name -> official folder
 
 # Receptacles a scene may contain (static ones; movable receptacles such as Bowl are objects here).
 RECEPTACLES = sorted(set(C.VAL_RECEPTACLE_OBJECTS) - set(C.MOVABLE_RECEPTACLES))
@@ -228,7 +228,7 @@ def generate(root, split, n_games, cfg=GenConfig(), avoid=(), verbose=False):
 
     Game i uses generator seeds i, i+n, ... of task type `TASK_TYPES[i % 6]` until one passes the
     checks, so every task type gets n_games/6 games. `avoid` is a set of scene signatures to skip
-    (the train pool, so that eval scenes are new)."""
+    (the other splits' pools, so that held-out scenes are new)."""
     from envs.alfworld import load_tw_env
     env = load_tw_env()
     base = os.path.join(root, "json_2.1.1", SPLIT_DIRS.get(split, split))
@@ -264,11 +264,11 @@ def generate(root, split, n_games, cfg=GenConfig(), avoid=(), verbose=False):
     return paths
 
 
-def train_signatures(n_games, cfg, n_seeds=None):
-    """Signatures of every scene the train generator may draw for a pool of `n_games` (pure Python)."""
+def pool_signatures(split, n_games, cfg, n_seeds=None):
+    """Signatures of every scene the generator may draw for a `split` pool of `n_games` (pure Python)."""
     sigs = set()
     for seed in range(1, n_seeds or 20 * n_games + 100):
-        made_rng = random.Random("train-%d" % seed)
+        made_rng = random.Random("%s-%d" % (split, seed))
         scene = sample_scene(made_rng, TASK_TYPES[(seed - 1) % 6], cfg)
         if scene is not None:
             sigs.add(signature(scene))

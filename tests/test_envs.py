@@ -39,7 +39,8 @@ def alfworld_train():
 def small_pools(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("alfw"))
     return (envs.make("alfworld", split="train", n_games=12, cache_dir=cache),
-            envs.make("alfworld", split="eval", n_games=12, cache_dir=cache), cache)
+            envs.make("alfworld", split="eval", n_games=12, cache_dir=cache), cache,
+            envs.make("alfworld", split="valid", n_games=12, cache_dir=cache))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,19 +158,50 @@ def scene_signatures(env, split):
 
 
 def test_alfworld_splits_disjoint(small_pools):
-    train, evals, _ = small_pools
-    train_sigs, eval_sigs = scene_signatures(train, "train"), scene_signatures(evals, "eval")
-    assert len(train_sigs) == len(train) and len(eval_sigs) == len(evals)  # and no task twice within a pool
-    assert not eval_sigs & alfworld_gen.train_signatures(len(train), alfworld_gen.GenConfig())  # nor any the
-    # train generator could draw, so a bigger train pool of the same size stays disjoint too
+    train, evals, _, valid = small_pools
+    sigs = {s: scene_signatures(env, s) for s, env in [("train", train), ("eval", evals), ("valid", valid)]}
+    assert [len(sigs[s]) for s in sigs] == [12, 12, 12]  # and no task twice within a pool
+    cfg = alfworld_gen.GenConfig()
+    assert not sigs["eval"] & alfworld_gen.pool_signatures("train", 12, cfg)  # nor any the train generator could
+    assert not sigs["valid"] & (alfworld_gen.pool_signatures("train", 12, cfg)  # draw; valid (for choosing
+                                | alfworld_gen.pool_signatures("eval", 12, cfg))  # settings) misses eval's too
     tid = lambda env: {env.reset(s)[1]["task_id"] for s in range(len(env))}
-    assert not tid(train) & tid(evals)
+    assert not tid(train) & tid(evals) and not tid(valid) & (tid(train) | tid(evals))
     assert all(t.startswith("json_2.1.1/valid_unseen/") for t in tid(evals))
+    assert all(t.startswith("json_2.1.1/valid_seen/") for t in tid(valid))
+
+
+def test_alfworld_games_are_dealt_round_robin_over_task_types(small_pools):
+    """An evaluation of the first k games (train.py plays seeds 0..k-1) mixes the task types, even on a pool of
+    hundreds whose sorted paths start with dozens of look_at_obj_in_light games."""
+    train = small_pools[0]
+    types = [os.path.relpath(g, train.data_dir).split("/")[2].split("-")[0] for g in train.games]
+    assert sorted(types[:6]) == sorted(types[6:]) == sorted(alfworld_gen.TASK_TYPES)
+
+
+def test_alfworld_memoised_templates_play_the_same_text(small_pools, monkeypatch):
+    """envs/alfworld.py memoises TextWorld's template parser; TextWorld's own parser gives the same observations."""
+    from envs import alfworld
+    def play():
+        env, texts = envs.make("alfworld", n_games=12, cache_dir=small_pools[2], max_steps=6), []
+        for seed in range(3):
+            obs, info = env.reset(seed)
+            texts.append(obs)
+            for t in range(6):  # the expert's actions, then an admissible non-expert one
+                act = info["expert"] if t % 2 == 0 else "<action>%s</action>" % info["admissible"][-1]
+                obs, _, done, info = env.step(act)
+                texts.append(obs)
+                if done:
+                    break
+        return texts
+    fast = play()
+    monkeypatch.setattr(alfworld.pddl_textgen, "_parse_and_convert", alfworld._parse_cached.__wrapped__)
+    assert play() == fast
 
 
 def test_alfworld_official_layout_loader(small_pools):
     """The generated folder loads as official data (data_dir=) and through AlfredTWEnv's own collector."""
-    train, _, cache = small_pools
+    train, _, cache, _ = small_pools
     official = envs.make("alfworld", split="train", data_dir=train.data_dir)
     assert official.games == train.games
     obs, info = official.reset(1)
