@@ -1,4 +1,4 @@
-"""ALFWorld (text) on its real engine: TextWorld-PDDL games, the `alfred` domain, the planner expert.
+"""ALFWorld (text) on its real engine: TextWorld-PDDL games, the `alfred` domain, ALFWorld's experts.
 
 Games come from a folder in the official layout, `<data_dir>/json_2.1.1/<split>/<task>/<trial>/game.tw-pddl`
 next to `traj_data.json` (`data_dir=` or `$ALFWORLD_DATA`), or, when there is none, from games generated
@@ -25,10 +25,13 @@ or an action that is not admissible, is invalid: the engine is not stepped, the 
 went wrong and lists the admissible actions, `info["invalid"]` is True, the reward is `-invalid_penalty`
 and the episode goes on (the turn still counts toward `max_steps`).
 
-Expert. `info["expert"]` is the PDDL planner's next action. `expert_slip=p` makes it fallible like multihop's: in
-a fraction p of episodes (drawn from the reset seed) it stops one action short of the goal and looks around until
-the step limit, so it loses. Demonstrations then carry a habit the reward can unlearn (bench/bench_learning.py uses
-it); the default 0 is the planner as ALFWorld ships it.
+Expert. `info["expert"]` is the next action of ALFWorld's PDDL planner (`expert="planner"`, default), which knows
+where every object is, or of its rule-based agent (`expert="handcoded"`), which looks around first and searches the
+receptacles where such objects usually are, from what it has seen: a policy a model can imitate from its prompts,
+so cloning it carries over to unseen scenes. `expert_slip=p` makes either fallible like multihop's: in a fraction p
+of episodes (drawn from the reset seed) it stops one action short of the goal (by the planner's count) and looks
+around until the step limit, so it loses. Demonstrations then carry a habit the reward can unlearn
+(bench/bench_learning.py uses it); the default 0 is the expert as ALFWorld ships it.
 
 Observations. `reset`/`step` return the engine's text followed by the admissible actions: the message
 for the next turn when the whole conversation is kept ("full" context). `info["prompt"]` is the paper's
@@ -104,11 +107,13 @@ def _parse_template(*args, **kwargs):
 pddl_textgen._parse_and_convert = _parse_template
 
 
-def load_tw_env(path=None, cache_size=64):
-    """A TextWorld env with ALFWorld's wrappers and the PDDL planner expert (optionally with `path` loaded)."""
-    infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
+def load_tw_env(path=None, cache_size=64, expert="planner"):
+    """A TextWorld env with ALFWorld's wrappers and its `expert` ("planner" or "handcoded"), optionally with `path`
+    loaded. The planner's remaining plan is always in `state["policy_commands"]` (the slip rule reads it)."""
+    infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=True,
+                               extras=["gamefile", "expert_plan"])
     env = CachedPddlEnv(infos, cache_size)
-    for wrapper in [AlfredDemangler(shuffle=False), AlfredInfos, AlfredExpert(expert_type="planner")]:
+    for wrapper in [AlfredDemangler(shuffle=False), AlfredInfos, AlfredExpert(expert_type=expert)]:
         env = wrapper(env)  # same wrappers as AlfredTWEnv.init_env, as textworld.start applies them
     if path is not None:
         env.load(path)
@@ -171,17 +176,20 @@ class AlfWorldEnv:
 
     def __init__(self, split="train", data_dir=None, n_games=None, max_steps=30, invalid_penalty=0.0,
                  history=3, task_types=None, cache_dir=None, n_receptacles=4, n_distractors=1, max_plan_len=12,
-                 expert_slip=0.0):
+                 expert="planner", expert_slip=0.0):
         """split: "train", "valid" or "eval". data_dir: folder holding json_2.1.1/ (default $ALFWORLD_DATA, else
         generated games). n_games: pool size (generated default 60; official default all). task_types:
         keep only these task types. n_receptacles / n_distractors / max_plan_len: generated scene size.
-        expert_slip: fraction of episodes whose expert stops one action short (module docstring)."""
+        expert: "planner" or "handcoded"; expert_slip: fraction of episodes whose expert stops one action short
+        (module docstring)."""
+        if expert not in ("planner", "handcoded"):
+            raise ValueError("expert must be 'planner' or 'handcoded', not %r" % (expert,))
         if split not in alfworld_gen.SPLIT_DIRS:
             raise ValueError("split must be 'train', 'valid' or 'eval', not %r" % (split,))
         if not 0.0 <= expert_slip <= 1.0:
             raise ValueError("expert_slip must be in [0, 1], not %r" % (expert_slip,))
         self.split, self.max_steps, self.invalid_penalty, self.history = split, max_steps, invalid_penalty, history
-        self.expert_slip = expert_slip
+        self.expert, self.expert_slip = expert, expert_slip
         self.system_prompt = SYSTEM_PROMPT
         split_dir = alfworld_gen.SPLIT_DIRS[split]
         task_types = tuple(task_types) if task_types is not None else None
@@ -211,7 +219,7 @@ class AlfWorldEnv:
         """Start game `seed % n_games`; returns (observation, info)."""
         path = self.games[seed % len(self.games)]
         if self._tw is None:
-            self._tw = load_tw_env()
+            self._tw = load_tw_env(expert=self.expert)
         if path != self._loaded:
             self._tw.load(path)
             self._loaded = path
@@ -257,8 +265,8 @@ class AlfWorldEnv:
 
     def _info(self, invalid, action):
         plan = self._state.get("extra.expert_plan") or []
-        if self.slip and len(plan) == 1:  # one action from the goal: a slipping expert looks around instead
-            plan = ["look"]
+        if self.slip and len(self._state.get("policy_commands") or []) == 1:  # one action from the goal (planner's
+            plan = ["look"]  # count): a slipping expert looks around instead
         admissible = list(self._state["admissible_commands"])
         return dict(task_id=self.task_id, won=self.won, invalid=invalid, admissible=admissible,
                     expert=None if self.done or not plan else "<action>%s</action>" % plan[0],

@@ -109,6 +109,32 @@ def test_alfworld_expert_slip(small_pools):
         envs.make("alfworld", n_games=12, cache_dir=cache, expert_slip=-0.1)
 
 
+def test_alfworld_handcoded_expert(small_pools):
+    """expert="handcoded": ALFWorld's rule-based agent, which looks for objects from what it has seen (the planner
+    knows where everything is). It wins most games, slips by the planner's count, and plays on after actions it
+    did not choose."""
+    cache = small_pools[2]
+    hc = envs.make("alfworld", n_games=12, cache_dir=cache, max_steps=15, expert="handcoded")
+    assert hc.reset(0)[1]["expert"] == "<action>look</action>"  # it looks around first
+    assert sum(play_expert(hc, seed)[0]["won"] for seed in range(6)) >= 4  # one game of each task type
+    always = envs.make("alfworld", n_games=12, cache_dir=cache, max_steps=15, expert="handcoded", expert_slip=1.0)
+    for seed in range(2):
+        info, _, steps = play_expert(always, seed)
+        assert not info["won"] and steps == 15 and always.trace[-1][0] == "look"
+    rng, won = random.Random(0), 0
+    for seed in range(6):  # three random admissible actions, then the expert takes over
+        obs, info = hc.reset(seed)
+        for t in range(15):
+            act = rng.choice(info["admissible"]) if t < 3 else info["expert"][len("<action>"):-len("</action>")]
+            obs, _, done, info = hc.step("<action>%s</action>" % act)
+            if done:
+                break
+        won += info["won"]
+    assert won >= 3
+    with pytest.raises(ValueError, match="expert must be"):
+        envs.make("alfworld", n_games=12, cache_dir=cache, expert="oracle")
+
+
 def test_alfworld_determinism(small_pools):
     train = small_pools[0]
     again = envs.make("alfworld", split="train", n_games=12, cache_dir=small_pools[2])
