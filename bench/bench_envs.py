@@ -1,5 +1,5 @@
 """Environment speed: reset and step times for ALFWorld and multihop, ALFWorld game generation time,
-and the expert's win rate per ALFWorld task type. Writes bench/results/envs.json.
+and the experts' win rates per ALFWorld task type (planner and handcoded, 30 steps). Writes bench/results/envs.json.
 
     python bench/bench_envs.py            # ~2 minutes on 2 CPU cores
 """
@@ -70,6 +70,10 @@ def main():
     _, _, wins = play(default, range(len(default)))
     out["alfworld_default_pool_expert_wins"] = wins
     print("default pool", wins)
+    handcoded = envs.make("alfworld", split="train", expert="handcoded")  # the rule-based agent, same 60 games
+    _, _, wins = play(handcoded, range(len(handcoded)))
+    out["alfworld_default_pool_handcoded_expert_wins"] = wins
+    print("default pool, handcoded expert", wins)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "envs.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     json.dump(out, open(path, "w"), indent=1)
