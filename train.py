@@ -58,7 +58,7 @@ class Config:
     iters: int = 60  # RL iterations (0: warm start and evaluate only, e.g. to share one warm start between runs)
     envs_per_iter: int = 32  # trajectories collected per iteration per process
     group_size: int = 4  # trajectories per task (GRPO/RLOO/GiGPO groups)
-    max_steps: int = 0  # turns per episode; 0 = the environment's max_steps
+    max_steps: int = 0  # turns per episode, demonstrations too; 0 = the environment's max_steps
     max_new_tokens: int = 32  # tokens per response
     temperature: float = 1.0  # sampling temperature for training rollouts (evaluation is greedy)
     gamma: float = 1.0  # discount per step, for every estimator (token_gae too); the authors' 1.0
@@ -387,9 +387,8 @@ def main(cfg: Config):
 
     def rollouts(engine, env_list, seeds, temperature, sample_seed, expert=False):
         policy.eval()
-        horizon = env_list[0].max_steps if expert else max_steps  # demonstrations play to the end
         with scale.unsharded(policy, enabled=cfg.engine == "hf"):  # FSDP2: HF generate without collectives
-            trajs = collect(engine, env_list, tok, seeds, horizon, cfg.max_new_tokens, temperature,
+            trajs = collect(engine, env_list, tok, seeds, max_steps, cfg.max_new_tokens, temperature,  # demos too
                             context=cfg.context, seed=sample_seed, expert=expert)
         policy.train()
         return trajs

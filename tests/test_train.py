@@ -73,6 +73,15 @@ def test_iters_zero_is_a_warm_start_other_runs_can_share(tmp_path):
            [{k: v for k, v in r.items() if k not in TIMING} for r in both]
 
 
+def test_demonstrations_stop_at_max_steps(tmp_path, monkeypatch):
+    """--max-steps limits every episode, the expert's demonstrations too (ALFWorld's own limit is 30 turns)."""
+    import rollout
+    seen, real = [], rollout.collect
+    monkeypatch.setattr(rollout, "collect", lambda *a, **k: seen.append((a[4], k["expert"])) or real(*a, **k))
+    run(tmp_path, "--env", "alfworld", "--iters", "0", "--max-steps", "2")
+    assert sorted(seen) == [(2, False), (2, True)]  # the demonstrations, then the evaluation
+
+
 def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(train.parse_config(TINY + ["--out", str(tmp_path / "none"), "--resume"]))
