@@ -89,7 +89,9 @@ def _corpus() -> list[str]:
     for name in ("multihop", "alfworld") if HAVE_ALFWORLD else ("multihop",):
         env = envs.make(name)
         text.append(env.system_prompt)
-        text += [env.reset(seed=s)[0] for s in range(5)]
+        games = getattr(env, "games", None)  # ALFWorld: its first 5 games by path (they were games 0-4 before the
+        seeds = [games.index(g) for g in sorted(games)[:5]] if games else range(5)  # round-robin order; same v3)
+        text += [env.reset(seed=s)[0] for s in seeds]
     from envs.multihop import build_kb, card  # the fact cards of 30 worlds: names become a few tokens each, as a
     text += [card(kb, n) for kb in map(build_kb, range(30)) for n in kb]  # real LLM's tokenizer knows common names
     return text
