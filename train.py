@@ -133,7 +133,7 @@ def check_config(cfg: Config):
     except (ValueError, AssertionError):
         return f"--env-kwargs must be a JSON object, not {cfg.env_kwargs!r}"
     try:
-        for split in {"train", cfg.eval_split}:
+        for split in dict.fromkeys([cfg.eval_split, "train"]):  # in this order: the same error every time
             envs.make(cfg.env, split=split, **kwargs)
     except Exception as e:  # unknown name, broken plugin, missing data: say so now, not mid-run
         return f"--env {cfg.env!r}: {e}"

@@ -110,7 +110,7 @@ def test_resume_errors_are_clear(tmp_path):
     (["--step-clip-low", "-1"], "clip ranges, --kl-coef, --tis-cap >= 0"),
     (["--gamma", "1.5"], "--gamma and --lam"),
     (["--eval-split", "test"], "--eval-split must be one of eval, valid, train"),
-    (["--env", "alfworld", "--eval-split", "valid"], "split must be"),
+    (["--env", "hotpotqa", "--eval-split", "valid"], "split must be"),
     (["--dtype", "fp16"], "--dtype must be one of fp32, bf16"),
     (["--vllm-sleep", "3"], "--vllm-sleep must be one of 0, 1, 2"),
     (["--micro-tokens", "-1"], "--micro-tokens, clip ranges"),
