@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,7 @@ def main():
     _, _, wins = play(default, range(len(default)))
     out["alfworld_default_pool_expert_wins"] = wins
     print("default pool", wins)
+    random.seed(0)  # the handcoded agent draws from Python's global random (train.py seeds it too)
     handcoded = envs.make("alfworld", split="train", expert="handcoded")  # the rule-based agent, same 60 games
     _, _, wins = play(handcoded, range(len(handcoded)))
     out["alfworld_default_pool_handcoded_expert_wins"] = wins
