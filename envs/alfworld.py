@@ -28,7 +28,8 @@ and the episode goes on (the turn still counts toward `max_steps`).
 Expert. `info["expert"]` is the next action of ALFWorld's PDDL planner (`expert="planner"`, default), which knows
 where every object is, or of its rule-based agent (`expert="handcoded"`), which looks around first and searches the
 receptacles where such objects usually are, from what it has seen: a policy a model can imitate from its prompts,
-so cloning it carries over to unseen scenes. `expert_slip=p` makes either fallible like multihop's: in a fraction p
+so cloning it carries over to unseen scenes (it draws ties from Python's global `random`, which train.py seeds;
+where it gives up, `info["expert"]` is None). `expert_slip=p` makes either fallible like multihop's: in a fraction p
 of episodes (drawn from the reset seed) it stops one action short of the goal (by the planner's count) and looks
 around until the step limit, so it loses. Demonstrations then carry a habit the reward can unlearn
 (bench/bench_learning.py uses it); the default 0 is the expert as ALFWorld ships it.
@@ -52,6 +53,7 @@ from collections import OrderedDict
 import textworld
 from textworld.envs.pddl import logic as pddl_logic, textgen as pddl_textgen
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+from alfworld.agents.expert import HandCodedAgentFailed
 
 from envs import alfworld_gen
 
@@ -94,6 +96,17 @@ class CachedPddlEnv(textworld.envs.PddlEnv):
         self._entity_infos = self._get_entity_infos()
 
 
+class GivingUpExpert(AlfredExpert):
+    """AlfredExpert whose handcoded agent may give up (HandCodedAgentFailed: its subgoals are done but the goal is
+    not, e.g. after the model put the object elsewhere): then there is no expert action, not a crash mid-run."""
+
+    def _gather_infos(self):
+        try:
+            super()._gather_infos()
+        except HandCodedAgentFailed:
+            self.state["extra.expert_plan"] = []
+
+
 _parse_cached = functools.lru_cache(maxsize=1 << 16)(pddl_textgen._parse_and_convert)
 
 
@@ -113,7 +126,7 @@ def load_tw_env(path=None, cache_size=64, expert="planner"):
     infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=True,
                                extras=["gamefile", "expert_plan"])
     env = CachedPddlEnv(infos, cache_size)
-    for wrapper in [AlfredDemangler(shuffle=False), AlfredInfos, AlfredExpert(expert_type=expert)]:
+    for wrapper in [AlfredDemangler(shuffle=False), AlfredInfos, GivingUpExpert(expert_type=expert)]:
         env = wrapper(env)  # same wrappers as AlfredTWEnv.init_env, as textworld.start applies them
     if path is not None:
         env.load(path)

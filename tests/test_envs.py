@@ -109,7 +109,7 @@ def test_alfworld_expert_slip(small_pools):
         envs.make("alfworld", n_games=12, cache_dir=cache, expert_slip=-0.1)
 
 
-def test_alfworld_handcoded_expert(small_pools):
+def test_alfworld_handcoded_expert(small_pools, monkeypatch):
     """expert="handcoded": ALFWorld's rule-based agent, which looks for objects from what it has seen (the planner
     knows where everything is). It wins most games, slips by the planner's count, and plays on after actions it
     did not choose."""
@@ -131,6 +131,14 @@ def test_alfworld_handcoded_expert(small_pools):
                 break
         won += info["won"]
     assert won >= 3
+    from alfworld.agents.expert import HandCodedAgentFailed, HandCodedTWAgent
+
+    def give_up(*args, **kwargs):  # what it raises when its subgoals are done and the goal is not
+        raise HandCodedAgentFailed()
+    monkeypatch.setattr(HandCodedTWAgent, "act", give_up)
+    hc.reset(0)
+    obs, _, done, info = hc.step("<action>look</action>")
+    assert info["expert"] is None and not done and "Admissible actions:" in obs  # no expert action, no crash
     with pytest.raises(ValueError, match="expert must be"):
         envs.make("alfworld", n_games=12, cache_dir=cache, expert="oracle")
 
