@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from envs.alfworld import AlfWorldEnv  # noqa: E402
+from envs.alfworld import AlfWorldEnv, parse_action  # noqa: E402
 from model import load_policy  # noqa: E402
 from rollout import HFEngine, collect  # noqa: E402
 
@@ -27,9 +27,9 @@ class Recorded(AlfWorldEnv):
 
     def step(self, response):
         near = len(self._state.get("policy_commands") or []) == 1
-        expert = self._info(invalid=False, action=None)["expert"] or ""
+        expert = parse_action(self._info(invalid=False, action=None)["expert"])
         obs, reward, done, info = super().step(response)
-        self.log[self.seed].append((near, info["action"], info["invalid"], expert[len("<action>"):-len("</action>")]))
+        self.log[self.seed].append((near, info["action"], info["invalid"], expert))
         return obs, reward, done, info
 
 
@@ -51,7 +51,7 @@ def main():
                reached_last_action=sum(any(s[0] for s in ep) for ep in Recorded.log.values()),
                took_it=sum(any(near and not inv and act not in (None, "look") for near, act, inv, _ in ep)
                            for ep in Recorded.log.values()),
-               agrees_with_expert=round(sum(act == exp for _, act, _, exp in steps) / len(steps), 3),
+               agrees_with_expert=round(sum(exp is not None and act == exp for _, act, _, exp in steps) / len(steps), 3),
                invalid_per_step=round(sum(inv for _, _, inv, _ in steps) / len(steps), 3))
     print(json.dumps(out))
 
