@@ -15,7 +15,10 @@ Protocol (nothing reported was used to choose anything):
 Every run is one `python train.py ...` process (its exact command is in results/learning.json), 1 thread, `--jobs`
 at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped and an interrupted one
 continues from its newest checkpoint (train.py --resume, exact), so the benchmark can be stopped and restarted at any
-time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Methods run at the
+time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Each finished run's
+summary is recorded in results/learning.json as soon as it ends, and the ALFWorld warm start's model is kept in
+results/warm_alfworld_seed0/, so a fresh checkout (run folders gone) skips and reports what an earlier machine
+finished: a recorded run counts only if its command is the same as now. Methods run at the
 authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips
 at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -69,8 +73,18 @@ WARM = {"tune": [*TUNE, "--iters", "0"], "multihop": ["--iters", "0"],
 WARM_SEEDS = {"tune": TUNE_SEEDS, "multihop": REPORT_SEEDS, "alfworld": [0]}
 
 
+RESULTS = os.path.join(ROOT, "bench", "results", "learning.json")
+KEEP_WARM = ["alfworld"]  # envs whose warm-start model is kept in the repository (~45 min to rebuild)
+
+
 def warm_out(env, seed):
     return os.path.join(ARGS.runs_dir, env, "warm", f"seed{seed}")
+
+
+def warm_model(env, seed):
+    """The warm start RL runs load: the kept copy (KEEP_WARM) or the warm run's final/ folder."""
+    kept = os.path.join("bench", "results", f"warm_{env}_seed{seed}")
+    return kept if env in KEEP_WARM else os.path.join(warm_out(env, seed), "final")
 
 
 def command(job):
@@ -80,7 +94,7 @@ def command(job):
     base = TUNE if env == "tune" else ENV_ARGS[env]
     warm_seed = job["seed"] if job["seed"] in WARM_SEEDS[env] else WARM_SEEDS[env][0]
     return [sys.executable, "train.py", *METHODS[job["method"]], "--lr", str(job["lr"]), "--seed", str(job["seed"]),
-            "--out", out, "--model", os.path.join(warm_out(env, warm_seed), "final"), "--sft-steps", "0", *base]
+            "--out", out, "--model", warm_model(env, warm_seed), "--sft-steps", "0", *base]
 
 
 def metrics(out):
@@ -92,10 +106,47 @@ def flag(cmd, name, default):
     return type(default)(cmd[cmd.index(name) + 1]) if name in cmd else default
 
 
-def finished(job):
-    """The run got to its final evaluation row."""
+def finished_here(job):
+    """The run folder holds the run's final evaluation row."""
     rows = metrics(job["out"])
     return bool(rows) and rows[-1]["iter"] == flag(job["cmd"], "--iters", ITERS) and "eval_success_rate" in rows[-1]
+
+
+def load_results():
+    return json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+
+
+def recorded(job):
+    """This run's summary in results/learning.json, if one with the same command was recorded (else None)."""
+    res = load_results()
+    entries = res.get("sweep", []) + res.get("runs", []) + list(res.get("warm_starts", {}).values())
+    cmd = " ".join(["python"] + job["cmd"][1:])
+    return next((e for e in entries if e.get("cmd") == cmd), None)
+
+
+def finished(job):
+    """Finished here, or on an earlier machine (recorded; a kept warm start also needs its model)."""
+    if finished_here(job):
+        return True
+    kept = job["method"] == "warm" and job["env"] in KEEP_WARM
+    return recorded(job) is not None and (not kept or os.path.exists(os.path.join(ROOT, warm_model(job["env"], job["seed"]))))
+
+
+def record(job):
+    """Write a just-finished run's summary into results/learning.json (atomically), and keep its warm-start model."""
+    if job["method"] == "warm" and job["env"] in KEEP_WARM:
+        kept = os.path.join(ROOT, warm_model(job["env"], job["seed"]))
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(os.path.join(ROOT, job["out"], "final"), kept)
+    res, entry = load_results(), dict(job, **summarize(job))
+    if job["method"] == "warm":
+        res.setdefault("warm_starts", {})[f"{job['env']}/seed{job['seed']}"] = entry
+    else:
+        key = "sweep" if job["env"] == "tune" else "runs"
+        res[key] = [e for e in res.get(key, []) if e.get("out") != job["out"]] + [entry]
+    with open(RESULTS + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(RESULTS + ".tmp", RESULTS)
 
 
 def run_all(jobs):
@@ -120,12 +171,16 @@ def run_all(jobs):
             sys.exit(f"failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(j['cmd'])}; see {j['out']}/train.log")
         with open(os.path.join(ROOT, j["out"], "bench_stats.json"), "w") as f:
             json.dump({"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resume}, f)
+        record(j)
         print(f"done in {time.time() - t0:.0f} s: {j['out']}", flush=True)
 
 
 def summarize(job):
     """Eval curve, start, final, AUC (mean held-out success over the run: trapezoid over iterations), env steps,
-    wall time and peak RSS of one finished run."""
+    wall time and peak RSS of one finished run (recorded in results/learning.json if its folder is gone)."""
+    if not finished_here(job):
+        keep = ("iters", "eval", "start", "final", "auc", "env_steps", "wall_s", "peak_rss_mib", "resumed", "cmd")
+        return {k: v for k, v in recorded(job).items() if k in keep}
     rows = metrics(job["out"])
     it, sr = np.array([(r["iter"], r["eval_success_rate"]) for r in rows if "eval_success_rate" in r], dtype=float).T
     stats_path = os.path.join(ROOT, job["out"], "bench_stats.json")
