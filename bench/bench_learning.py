@@ -320,7 +320,7 @@ if __name__ == "__main__":
                                                     "out": warm_out(env, s)} for s in WARM_SEEDS[env])]
 
     sweep = jobs_for("tune", {m: LRS for m in ARGS.methods}, TUNE_SEEDS, ARGS.methods)
-    if not ARGS.report:
+    if not ARGS.report and not all(map(finished, sweep)):  # the tuning warm starts serve only the sweep
         run_all(warm_jobs("tune"))
         run_all(sweep)
     chosen, table = choose_lrs(sweep)
