@@ -18,7 +18,8 @@ continues from its newest checkpoint (train.py --resume, exact), so the benchmar
 time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Each finished run's
 summary is recorded in results/learning.json as soon as it ends, and the ALFWorld warm start's model is kept in
 results/warm_alfworld_seed0/, so a fresh checkout (run folders gone) skips and reports what an earlier machine
-finished: a recorded run counts only if its command is the same as now. Methods run at the
+finished: a recorded run counts only if its command is the same as now. The tables (summary, paired, learning.md and
+the plots) are rewritten from all recorded runs at the end, or by --report. Methods run at the
 authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips
 at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
