@@ -75,7 +75,7 @@ WARM_SEEDS = {"tune": TUNE_SEEDS, "multihop": REPORT_SEEDS, "alfworld": [0]}
 
 
 RESULTS = os.path.join(ROOT, "bench", "results", "learning.json")
-KEEP_WARM = ["alfworld"]  # envs whose warm-start model is kept in the repository (~45 min to rebuild)
+KEEP_WARM = ["alfworld"]  # warm starts kept in the repository: ~50 min to rebuild, and not bit-equal on another machine
 
 
 def warm_out(env, seed):
@@ -129,8 +129,9 @@ def finished(job):
     """Finished here, or on an earlier machine (recorded; a kept warm start also needs its model)."""
     if finished_here(job):
         return True
-    kept = job["method"] == "warm" and job["env"] in KEEP_WARM
-    return recorded(job) is not None and (not kept or os.path.exists(os.path.join(ROOT, warm_model(job["env"], job["seed"]))))
+    kept = os.path.join(ROOT, warm_model(job["env"], job["seed"]))
+    needs_model = job["method"] == "warm" and job["env"] in KEEP_WARM
+    return recorded(job) is not None and (not needs_model or os.path.exists(kept))
 
 
 def record(job):
