@@ -301,8 +301,15 @@ def report(sweep, chosen, table, runs, warm):
             + "; mean AUC of validation success)\n\n" + "\n".join(sweep_lines)
             + "\n\n## Report (eval split, seeds " + ", ".join(map(str, REPORT_SEEDS)) + ")\n\n" + "\n".join(lines)
             + "\n\n## Paired: StepPO minus each method, same seeds and warm starts\n\n" + "\n".join(paired) + "\n")
-    with open(os.path.join(ROOT, "bench", "results", "learning.json"), "w") as f:
+    old = load_results()  # the record: runs of envs or methods left out of this report stay in it
+    for key in ("sweep", "runs"):
+        outs = {e["out"] for e in res[key]}
+        res[key] += [e for e in old.get(key, []) if e["out"] not in outs]
+    for key in ("warm_starts", "summary", "paired"):
+        res[key] = {**old.get(key, {}), **res[key]}
+    with open(RESULTS + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
+    os.replace(RESULTS + ".tmp", RESULTS)
     with open(os.path.join(ROOT, "bench", "results", "learning.md"), "w") as f:
         f.write(text)
     print(text)
