@@ -181,8 +181,7 @@ def summarize(job):
     """Eval curve, start, final, AUC (mean held-out success over the run: trapezoid over iterations), env steps,
     wall time and peak RSS of one finished run (recorded in results/learning.json if its folder is gone)."""
     if not finished_here(job):
-        keep = ("iters", "eval", "start", "final", "auc", "env_steps", "wall_s", "peak_rss_mib", "resumed", "cmd")
-        return {k: v for k, v in recorded(job).items() if k in keep}
+        return {k: v for k, v in recorded(job).items() if k not in job or k == "cmd"}  # the record less the job
     rows = metrics(job["out"])
     it, sr = np.array([(r["iter"], r["eval_success_rate"]) for r in rows if "eval_success_rate" in r], dtype=float).T
     stats_path = os.path.join(ROOT, job["out"], "bench_stats.json")
