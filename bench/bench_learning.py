@@ -117,6 +117,13 @@ def load_results():
     return json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
 
 
+def save_results(res):
+    """Write results/learning.json atomically (a run finishing mid-write must not leave half a record)."""
+    with open(RESULTS + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(RESULTS + ".tmp", RESULTS)
+
+
 def recorded(job):
     """This run's summary in results/learning.json, if one with the same command was recorded (else None)."""
     res = load_results()
@@ -146,9 +153,7 @@ def record(job):
     else:
         key = "sweep" if job["env"] == "tune" else "runs"
         res[key] = [e for e in res.get(key, []) if e.get("out") != job["out"]] + [entry]
-    with open(RESULTS + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(RESULTS + ".tmp", RESULTS)
+    save_results(res)
 
 
 def run_all(jobs):
@@ -306,9 +311,7 @@ def report(sweep, chosen, table, runs, warm):
         res[key] += [e for e in old.get(key, []) if e["out"] not in outs]
     for key in ("warm_starts", "summary", "paired"):
         res[key] = {**old.get(key, {}), **res[key]}
-    with open(RESULTS + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(RESULTS + ".tmp", RESULTS)
+    save_results(res)
     with open(os.path.join(ROOT, "bench", "results", "learning.md"), "w") as f:
         f.write(text)
     print(text)
