@@ -18,12 +18,14 @@ continues from its newest checkpoint (train.py --resume, exact), so the benchmar
 time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Each finished run's
 summary is recorded in results/learning.json as soon as it ends, and the ALFWorld warm start's model is kept in
 results/warm_alfworld_seed0/, so a fresh checkout (run folders gone) skips and reports what an earlier machine
-finished: a recorded run counts only if its command is the same as now. The tables (summary, paired, learning.md and
+finished: a recorded run counts only if its command is the same as now (and its warm start's weights, where
+both are known: `model_sha256`). The tables (summary, paired, learning.md and
 the plots) are rewritten from all recorded runs at the end, or by --report. Methods run at the
 authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips
 at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -124,12 +126,27 @@ def save_results(res):
     os.replace(RESULTS + ".tmp", RESULTS)
 
 
+def model_sha256(path):
+    """First 16 hex digits of the sha256 of a saved model's weights (None if it is not here)."""
+    f = os.path.join(ROOT, path or "", "model.safetensors")
+    return hashlib.sha256(open(f, "rb").read()).hexdigest()[:16] if path and os.path.exists(f) else None
+
+
+def model_of(job):
+    """The saved model a run starts from (its --model); for a kept warm start, the model it made."""
+    if job["method"] == "warm":
+        return warm_model(job["env"], job["seed"]) if job["env"] in KEEP_WARM else None
+    return flag(job["cmd"], "--model", "")
+
+
 def recorded(job):
-    """This run's summary in results/learning.json, if one with the same command was recorded (else None)."""
+    """This run's summary in results/learning.json, if one with the same command was recorded (else None). Where
+    the record names its model's hash and that model is here, the hashes must agree too: the command names a warm
+    start by its folder, and a rebuilt warm start (not bit-equal across machines) must not mix with the old runs."""
     res = load_results()
     entries = res.get("sweep", []) + res.get("runs", []) + list(res.get("warm_starts", {}).values())
-    cmd = " ".join(["python"] + job["cmd"][1:])
-    return next((e for e in entries if e.get("cmd") == cmd), None)
+    cmd, sha = " ".join(["python"] + job["cmd"][1:]), model_sha256(model_of(job))
+    return next((e for e in entries if e.get("cmd") == cmd and (sha is None or e.get("model_sha256", sha) == sha)), None)
 
 
 def finished(job):
@@ -195,7 +212,7 @@ def summarize(job):
     return {"iters": it.tolist(), "eval": sr.tolist(), "start": sr[0], "final": sr[-1],
             "auc": float(np.trapezoid(sr, it) / max(it[-1] - it[0], 1)),
             "env_steps": sum(r["mean_steps"] * per_iter for r in rows if "mean_steps" in r), **bench,
-            "cmd": " ".join(["python"] + job["cmd"][1:])}
+            "cmd": " ".join(["python"] + job["cmd"][1:]), "model_sha256": model_sha256(model_of(job))}
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantile, 1..10 dof
