@@ -4,7 +4,8 @@ machinery per setting: HF-engine rollout (window context, every step a fresh pro
 behaviour_logprobs, update (Adam, two steps so its states exist), the weight export a vLLM sync streams.
 
     torchrun --standalone --nproc_per_node 1 ...   # what each setting runs under (one fresh process per setting)
-    python bench/gpu_smoke.py --size 1.5b          # one CUDA GPU (nccl): writes bench/results/gpu_smoke_1.5b.json
+    python bench/gpu_smoke.py --size 1.5b          # one CUDA GPU (nccl): bench/results/gpu_smoke_1.5b.json, rewritten
+                                                   # after every setting (a lent machine may go mid-run)
     python bench/gpu_smoke.py --size 7b --settings fsdp-bf16-ckpt-micro
     python bench/gpu_smoke.py --size toy           # CPU (gloo), seconds: the test suite runs this
     python bench/gpu_smoke.py --size vocab-cpu     # CPU, minutes: Qwen's 151,936-token vocabulary on a 2-layer model
@@ -193,13 +194,15 @@ def main():
         print(f"{name:22s} {res['status']:7s} peak {res.get('peak_gib', {}).get('max', float('nan')):7.2f} GiB  "
               f"last iteration {sum(sec[-1].values()):7.1f} s  {res.get('phase') or ''} {(res.get('error') or '')[:80]}",
               flush=True)
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}",
-              "size": args.size, "model": SIZES[args.size]["config"], "workload": SIZES[args.size]["workload"],
-              "iters": args.iters, "nproc": args.nproc, "settings": results}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+        report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}",
+                  "size": args.size, "model": SIZES[args.size]["config"], "workload": SIZES[args.size]["workload"],
+                  "iters": args.iters, "nproc": args.nproc, "settings": results}
+        # written after every setting (atomically): a machine lent for minutes may be taken back mid-run
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(out + ".tmp", out)
     return report
 
 
