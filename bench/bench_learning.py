@@ -209,8 +209,11 @@ def summarize(job):
     stats_path = os.path.join(ROOT, job["out"], "bench_stats.json")
     bench = json.load(open(stats_path)) if os.path.exists(stats_path) else {"wall_s": None, "peak_rss_mib": None}
     per_iter = flag(job["cmd"], "--envs-per-iter", 32)
+    upd = [r for r in rows if r["iter"] > 0 and "clipfrac" in r]  # the iterations that updated the policy
     return {"iters": it.tolist(), "eval": sr.tolist(), "start": sr[0], "final": sr[-1],
             "auc": float(np.trapezoid(sr, it) / max(it[-1] - it[0], 1)),
+            # how far the policy moved: KL(policy || warm start) per iteration, and the share of clipped ratios
+            "kl_ref": [r["kl_ref"] for r in upd], "clipfrac": float(np.mean([r["clipfrac"] for r in upd] or [0])),
             "env_steps": sum(r["mean_steps"] * per_iter for r in rows if "mean_steps" in r), **bench,
             "cmd": " ".join(["python"] + job["cmd"][1:]), "model_sha256": model_sha256(model_of(job))}
 
@@ -268,6 +271,8 @@ def report(sweep, chosen, table, runs, warm):
              "| AUC (95% CI) | env steps | wall s/run |", "|---|---|---|---|---|---|---|---|---|---|"]
     paired = ["| env | StepPO minus | final: mean diff (95% CI) | AUC: mean diff (95% CI) | seeds StepPO better / worse (AUC) |",
               "|---|---|---|---|---|"]
+    moved = ["| env | method | seeds | KL to warm start, end (95% CI) | KL, mean over iterations (95% CI) "
+             "| StepPO minus, KL mean, paired (95% CI) | ratios clipped |", "|---|---|---|---|---|---|---|"]
     for env in ARGS.envs:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         by_method = {}
@@ -307,6 +312,18 @@ def report(sweep, chosen, table, runs, warm):
             res["paired"][f"{env}/{m}"] = {"seeds": seeds, "final_diff": df, "final_diff_ci95": dfh, "auc_diff": da,
                                            "auc_diff_ci95": dah, "stepppo_better": better, "stepppo_worse": worse}
             paired.append(f"| {env} | {m} | {df:+.3f} ± {dfh:.3f} | {da:+.3f} ± {dah:.3f} | {better} / {worse} |")
+        kl_mean = {m: {k: np.mean(x["kl_ref"]) for k, x in per_seed.items() if x.get("kl_ref")}
+                   for m, per_seed in by_method.items()}
+        for m, per_seed in by_method.items():  # runs recorded with their training diagnostics (not the oldest)
+            seeds = sorted(kl_mean[m])
+            if len(seeds) < 2:
+                continue
+            (ke, keh), (km, kmh) = ci95([per_seed[k]["kl_ref"][-1] for k in seeds]), ci95([kl_mean[m][k] for k in seeds])
+            both = sorted(set(seeds) & set(kl_mean.get("StepPO", {})))
+            d, dh = ci95([kl_mean["StepPO"][k] - kl_mean[m][k] for k in both]) if len(both) > 1 and m != "StepPO" else (0, 0)
+            moved.append(f"| {env} | {m} | {', '.join(map(str, seeds))} | {ke:.4f} ± {keh:.4f} | {km:.4f} ± {kmh:.4f} | "
+                         + (f"{d:+.4f} ± {dh:.4f} |" if d or dh else " |")
+                         + f" {np.mean([per_seed[k]['clipfrac'] for k in seeds]):.4f} |")
         ax.set_title(f"{env}: held-out greedy success, mean over seeds with 95% CI", fontsize=10)
         ax.set(xlabel="iteration", ylabel="eval success rate", ylim=(0, max(0.3, ax.get_ylim()[1])))
         ax.legend(fontsize=6.5, ncol=2, loc="upper left")
@@ -321,7 +338,10 @@ def report(sweep, chosen, table, runs, warm):
     text = ("## Learning-rate sweep (multihop validation split, seeds " + ", ".join(map(str, TUNE_SEEDS))
             + "; mean AUC of validation success)\n\n" + "\n".join(sweep_lines)
             + "\n\n## Report (eval split, seeds " + ", ".join(map(str, REPORT_SEEDS)) + ")\n\n" + "\n".join(lines)
-            + "\n\n## Paired: StepPO minus each method, same seeds and warm starts\n\n" + "\n".join(paired) + "\n")
+            + "\n\n## Paired: StepPO minus each method, same seeds and warm starts\n\n" + "\n".join(paired)
+            + "\n\n## How far each policy moved (training diagnostics: KL(policy || warm start), k3 estimate on the"
+            " iteration's samples; share of clipped ratios, per step for the step loss, per token for the token loss;"
+            " recorded from runs finished after these fields were added)\n\n" + "\n".join(moved) + "\n")
     old = load_results()  # the record: runs of envs or methods left out of this report stay in it
     for key in ("sweep", "runs"):
         outs = {e["out"] for e in res[key]}
