@@ -268,7 +268,7 @@ def report(sweep, chosen, table, runs, warm):
            "sweep": [dict(j, **summarize(j)) for j in sweep if finished(j)], "sweep_auc": table, "chosen_lr": chosen,
            "warm_starts": {f"{w['env']}/seed{w['seed']}": summarize(w) for w in warm if finished(w)}, "runs": [], "summary": {}, "paired": {}}
     lines = ["| env | method | lr | seeds | eval at start | final eval (95% CI) | gain over start, paired (95% CI) "
-             "| AUC (95% CI) | env steps | wall s/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| AUC (95% CI) | env steps | wall s/run (not resumed) |", "|---|---|---|---|---|---|---|---|---|---|"]
     paired = ["| env | StepPO minus | final: mean diff (95% CI) | AUC: mean diff (95% CI) | seeds StepPO better / worse (AUC) |",
               "|---|---|---|---|---|"]
     moved = ["| env | method | seeds | KL to warm start, end (95% CI) | KL, mean over iterations (95% CI) "
@@ -287,12 +287,13 @@ def report(sweep, chosen, table, runs, warm):
             a, ah = ci95([x["auc"] for x in s])
             st, _ = ci95([x["start"] for x in s])
             gain, gh = ci95([x["final"] - x["start"] for x in s])  # each seed against its own warm start
+            walls = [x["wall_s"] for x in s if x["wall_s"] and not x.get("resumed")]  # a resumed run timed only its end
             sm = res["summary"][f"{env}/{m}"] = {
                 "lr": s[0]["lr"], "seeds": [x["seed"] for x in s], "start": st, "final": f, "final_ci95": fh,
                 "gain": gain, "gain_ci95": gh, "auc": a, "auc_ci95": ah,
-                "env_steps": float(np.mean([x["env_steps"] for x in s])), "wall_s": float(np.mean([x["wall_s"] or 0 for x in s]))}
+                "env_steps": float(np.mean([x["env_steps"] for x in s])), "wall_s": float(np.mean(walls)) if walls else None}
             lines.append(f"| {env} | {m} | {sm['lr']:g} | {len(s)} | {st:.3f} | {f:.3f} ± {fh:.3f} | {gain:+.3f} ± {gh:.3f} "
-                         f"| {a:.3f} ± {ah:.3f} | {sm['env_steps']:.0f} | {sm['wall_s']:.0f} |")
+                         f"| {a:.3f} ± {ah:.3f} | {sm['env_steps']:.0f} | {sm['wall_s'] or float('nan'):.0f} |")
             curves = np.array([x["eval"] for x in s])
             mean = curves.mean(0)
             half = [ci95(c)[1] for c in curves.T] if len(s) > 1 else np.zeros_like(mean)
