@@ -314,3 +314,28 @@ def test_the_critic_starts_from_the_warm_started_policy(tmp_path):
     from model import load_policy
     base = load_policy("tiny")[0].model.state_dict()
     assert not all(torch.equal(base[k], policy[k]) for k in policy)  # and that is the warm-started one, not the base
+
+
+def test_benchmark_records_count_only_with_the_same_warm_start(tmp_path, monkeypatch):
+    """bench_learning skips a run recorded on an earlier machine only if the command is the same and, where both
+    are known, the warm start's weights hash the same: a rebuilt warm start reruns the runs instead of mixing."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), "bench"))
+    import bench_learning as bl
+    monkeypatch.setattr(bl, "ROOT", str(tmp_path))
+    monkeypatch.setattr(bl, "RESULTS", str(tmp_path / "learning.json"))
+    monkeypatch.setattr(bl, "ARGS", types.SimpleNamespace(runs_dir="runs"), raising=False)
+    kept = tmp_path / bl.warm_model("alfworld", 0)
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"weights v1")
+    job = {"env": "alfworld", "method": "StepPO", "seed": 3, "lr": 1e-4, "out": "runs/alfworld/StepPO/seed3"}
+    job["cmd"] = bl.command(job)
+    entry = dict(job, cmd=" ".join(["python"] + job["cmd"][1:]), final=0.1, model_sha256=bl.model_sha256(bl.model_of(job)))
+    bl.save_results({"runs": [entry]})
+    assert bl.recorded(job)["final"] == 0.1 and bl.finished(job)
+    (kept / "model.safetensors").write_bytes(b"weights v2")  # rebuilt: same folder, other weights
+    assert bl.recorded(job) is None and not bl.finished(job)
+    bl.save_results({"runs": [{k: v for k, v in entry.items() if k != "model_sha256"}]})  # a record without a hash
+    assert bl.recorded(job) is not None
+    os.remove(kept / "model.safetensors")  # the model is not here: the command decides
+    bl.save_results({"runs": [entry]})
+    assert bl.recorded(job) is not None
