@@ -126,6 +126,11 @@ def save_results(res):
     os.replace(RESULTS + ".tmp", RESULTS)
 
 
+def shown_cmd(job):
+    """The command as results/learning.json records it (and matches it): `python train.py ...`."""
+    return " ".join(["python"] + job["cmd"][1:])
+
+
 def model_sha256(path):
     """First 16 hex digits of the sha256 of a saved model's weights (None if it is not here)."""
     f = os.path.join(ROOT, path or "", "model.safetensors")
@@ -145,7 +150,7 @@ def recorded(job):
     start by its folder, and a rebuilt warm start (not bit-equal across machines) must not mix with the old runs."""
     res = load_results()
     entries = res.get("sweep", []) + res.get("runs", []) + list(res.get("warm_starts", {}).values())
-    cmd, sha = " ".join(["python"] + job["cmd"][1:]), model_sha256(model_of(job))
+    cmd, sha = shown_cmd(job), model_sha256(model_of(job))
     return next((e for e in entries if e.get("cmd") == cmd and (sha is None or e.get("model_sha256", sha) == sha)), None)
 
 
@@ -215,7 +220,7 @@ def summarize(job):
             # how far the policy moved: KL(policy || warm start) per iteration, and the share of clipped ratios
             "kl_ref": [r["kl_ref"] for r in upd], "clipfrac": float(np.mean([r["clipfrac"] for r in upd] or [0])),
             "env_steps": sum(r["mean_steps"] * per_iter for r in rows if "mean_steps" in r), **bench,
-            "cmd": " ".join(["python"] + job["cmd"][1:]), "model_sha256": model_sha256(model_of(job))}
+            "cmd": shown_cmd(job), "model_sha256": model_sha256(model_of(job))}
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantile, 1..10 dof
@@ -321,10 +326,12 @@ def report(sweep, chosen, table, runs, warm):
                 continue
             (ke, keh), (km, kmh) = ci95([per_seed[k]["kl_ref"][-1] for k in seeds]), ci95([kl_mean[m][k] for k in seeds])
             both = sorted(set(seeds) & set(kl_mean.get("StepPO", {})))
-            d, dh = ci95([kl_mean["StepPO"][k] - kl_mean[m][k] for k in both]) if len(both) > 1 and m != "StepPO" else (0, 0)
+            vs = ""  # StepPO minus this method, paired, where both have the diagnostics on 2+ seeds
+            if m != "StepPO" and len(both) > 1:
+                d, dh = ci95([kl_mean["StepPO"][k] - kl_mean[m][k] for k in both])
+                vs = f"{d:+.4f} ± {dh:.4f}"
             moved.append(f"| {env} | {m} | {', '.join(map(str, seeds))} | {ke:.4f} ± {keh:.4f} | {km:.4f} ± {kmh:.4f} | "
-                         + (f"{d:+.4f} ± {dh:.4f} |" if d or dh else " |")
-                         + f" {np.mean([per_seed[k]['clipfrac'] for k in seeds]):.4f} |")
+                         f"{vs} | {np.mean([per_seed[k]['clipfrac'] for k in seeds]):.4f} |")
         ax.set_title(f"{env}: held-out greedy success, mean over seeds with 95% CI", fontsize=10)
         ax.set(xlabel="iteration", ylabel="eval success rate", ylim=(0, max(0.3, ax.get_ylim()[1])))
         ax.legend(fontsize=6.5, ncol=2, loc="upper left")

@@ -176,6 +176,11 @@ def main():
         return child(args)
     out = args.out or os.path.join(ROOT, "bench", "results", f"gpu_smoke_{args.size}.json")
     results = []
+    machine, cuda = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", torch.cuda.is_available()
+    report = {"machine": machine, "size": args.size, "model": SIZES[args.size]["config"],
+              "workload": SIZES[args.size]["workload"], "iters": args.iters, "nproc": args.nproc,
+              "settings": results}  # results grows setting by setting
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for name in args.settings.split(","):
         part = tempfile.mktemp(suffix=".json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
@@ -194,12 +199,10 @@ def main():
         print(f"{name:22s} {res['status']:7s} peak {res.get('peak_gib', {}).get('max', float('nan')):7.2f} GiB  "
               f"last iteration {sum(sec[-1].values()):7.1f} s  {res.get('phase') or ''} {(res.get('error') or '')[:80]}",
               flush=True)
-        report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}",
-                  "size": args.size, "model": SIZES[args.size]["config"], "workload": SIZES[args.size]["workload"],
-                  "iters": args.iters, "nproc": args.nproc, "settings": results}
+        # the GPU as the settings name it: the parent calls no CUDA function but is_available() while they run
+        gpu = next((x["device"] for x in results if x.get("device")), "unknown GPU") if cuda else "no CUDA"
+        report["machine"] = f"{machine}, {gpu}"
         # written after every setting (atomically): a machine lent for minutes may be taken back mid-run
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
         os.replace(out + ".tmp", out)

@@ -329,7 +329,7 @@ def test_benchmark_records_count_only_with_the_same_warm_start(tmp_path, monkeyp
     (kept / "model.safetensors").write_bytes(b"weights v1")
     job = {"env": "alfworld", "method": "StepPO", "seed": 3, "lr": 1e-4, "out": "runs/alfworld/StepPO/seed3"}
     job["cmd"] = bl.command(job)
-    entry = dict(job, cmd=" ".join(["python"] + job["cmd"][1:]), final=0.1, model_sha256=bl.model_sha256(bl.model_of(job)))
+    entry = dict(job, cmd=bl.shown_cmd(job), final=0.1, model_sha256=bl.model_sha256(bl.model_of(job)))
     bl.save_results({"runs": [entry]})
     assert bl.recorded(job)["final"] == 0.1 and bl.finished(job)
     (kept / "model.safetensors").write_bytes(b"weights v2")  # rebuilt: same folder, other weights
