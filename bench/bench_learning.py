@@ -14,7 +14,8 @@ Protocol (nothing reported was used to choose anything):
    ALFWorld: one for every seed), so StepPO and a baseline are compared seed by seed (paired).
 Every run is one `python train.py ...` process (its exact command is in results/learning.json), 1 thread, `--jobs`
 at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped and an interrupted one
-continues from its newest checkpoint (train.py --resume, exact), so the benchmark can be stopped and restarted at any
+continues from its newest checkpoint (train.py --resume, exact; a run folder whose `model_sha256` names another warm
+start than the one here now is discarded and rerun), so the benchmark can be stopped and restarted at any
 time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Each finished run's
 summary is recorded in results/learning.json as soon as it ends, and the ALFWorld warm start's model is kept in
 results/warm_alfworld_seed0/, so a fresh checkout (run folders gone) skips and reports what an earlier machine
@@ -110,9 +111,10 @@ def flag(cmd, name, default):
 
 
 def finished_here(job):
-    """The run folder holds the run's final evaluation row."""
+    """The run folder holds the run's final evaluation row, and was made from the warm start that is here now."""
     rows = metrics(job["out"])
-    return bool(rows) and rows[-1]["iter"] == flag(job["cmd"], "--iters", ITERS) and "eval_success_rate" in rows[-1]
+    done = bool(rows) and rows[-1]["iter"] == flag(job["cmd"], "--iters", ITERS) and "eval_success_rate" in rows[-1]
+    return done and not stale(job)
 
 
 def load_results():
@@ -142,6 +144,13 @@ def model_of(job):
     if job["method"] == "warm":
         return warm_model(job["env"], job["seed"]) if job["env"] in KEEP_WARM else None
     return flag(job["cmd"], "--model", "")
+
+
+def stale(job):
+    """An RL run's folder names (model_sha256, written at launch) another warm start than the one here now: the
+    warm start was rebuilt under the same folder name, so the folder's runs and checkpoints belong to the old one."""
+    path, sha = os.path.join(ROOT, job["out"], "model_sha256"), model_sha256(model_of(job))
+    return job["method"] != "warm" and sha is not None and os.path.exists(path) and open(path).read() != sha
 
 
 def recorded(job):
@@ -187,7 +196,13 @@ def run_all(jobs):
     while todo or running:
         while todo and len(running) < ARGS.jobs:
             j = todo.pop(0)
+            if stale(j):  # neither finished nor resumable: start again (a record of it stays in results, by hash)
+                print(f"discard {j['out']}: made from another warm start", flush=True)
+                shutil.rmtree(os.path.join(ROOT, j["out"]))
             os.makedirs(os.path.join(ROOT, j["out"]), exist_ok=True)
+            if j["method"] != "warm" and model_sha256(model_of(j)):
+                with open(os.path.join(ROOT, j["out"], "model_sha256"), "w") as f:
+                    f.write(model_sha256(model_of(j)))
             resume = bool(scale.checkpoints(os.path.join(ROOT, j["out"])))  # an interrupted run
             log = open(os.path.join(ROOT, j["out"], "train.log"), "a" if resume else "w")
             p = subprocess.Popen(j["cmd"] + ["--resume"] * resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

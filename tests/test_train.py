@@ -1,4 +1,5 @@
 """End-to-end runs of train.py with tiny budgets (CleanRL style): every estimator, resume, DDP, plugins, bad flags."""
+import json
 import math
 import os
 import textwrap
@@ -339,3 +340,34 @@ def test_benchmark_records_count_only_with_the_same_warm_start(tmp_path, monkeyp
     os.remove(kept / "model.safetensors")  # the model is not here: the command decides
     bl.save_results({"runs": [entry]})
     assert bl.recorded(job) is not None
+
+
+def test_benchmark_run_folders_count_only_with_the_same_warm_start(tmp_path, monkeypatch):
+    """A finished run folder counts (and an unfinished one resumes) only if it was made from the warm start that is
+    here now: run_all writes the warm start's hash into the folder at launch and discards a folder that names
+    another (the warm start was rebuilt under the same name), instead of resuming its old checkpoints."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), "bench"))
+    import bench_learning as bl
+    monkeypatch.setattr(bl, "ROOT", str(tmp_path))
+    monkeypatch.setattr(bl, "RESULTS", str(tmp_path / "learning.json"))
+    monkeypatch.setattr(bl, "ARGS", types.SimpleNamespace(runs_dir="runs", jobs=1), raising=False)
+    warm = tmp_path / bl.warm_model("multihop", 0)
+    warm.mkdir(parents=True)
+    (warm / "model.safetensors").write_bytes(b"weights v1")
+    job = {"env": "multihop", "method": "StepPO", "seed": 0, "lr": 1e-4, "out": "runs/multihop/StepPO/seed0"}
+    job["cmd"] = bl.command(job)
+    out = tmp_path / job["out"]
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text(json.dumps({"iter": bl.ITERS, "eval_success_rate": 0.5}) + "\n")
+    assert bl.finished_here(job)  # a folder from before the hash file: trusted, as before
+    (out / "model_sha256").write_text(bl.model_sha256(bl.model_of(job)))
+    assert bl.finished_here(job) and not bl.stale(job)
+    (warm / "model.safetensors").write_bytes(b"weights v2")  # the warm start rebuilt under the same folder
+    assert bl.stale(job) and not bl.finished_here(job) and not bl.finished(job)
+    launched = []
+    monkeypatch.setattr(bl.subprocess, "Popen", lambda cmd, **kw: launched.append(cmd) or types.SimpleNamespace(pid=1))
+    monkeypatch.setattr(bl.os, "wait4", lambda pid, opt: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        bl.run_all([job])
+    assert launched == [job["cmd"]]  # started afresh, not --resume'd from the old folder
+    assert not (out / "metrics.jsonl").exists() and (out / "model_sha256").read_text() == bl.model_sha256(str(warm.relative_to(tmp_path)))
