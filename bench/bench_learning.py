@@ -12,7 +12,8 @@ Protocol (nothing reported was used to choose anything):
 2. Report. Every method at its chosen lr on REPORT_SEEDS, held-out (eval split) greedy success. All methods of a
    seed start from the same saved warm start (multihop: one `--iters 0` run per seed, tuning seeds included;
    ALFWorld: one for every seed), so StepPO and a baseline are compared seed by seed (paired).
-Every run is one `python train.py ...` process (its exact command is in results/learning.json), 1 thread, `--jobs`
+Every run is one `python train.py ...` process (its exact command, CPU and library versions are in
+results/learning.json), 1 thread, `--jobs`
 at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped and an interrupted one
 continues from its newest checkpoint (train.py --resume, exact; a run folder whose `model_sha256` names another warm
 start than the one here now is discarded and rerun), so the benchmark can be stopped and restarted at any
@@ -70,7 +71,7 @@ ENV_ARGS = {  # multihop: train.py's defaults (RL from a saved warm start, below
 # Every run starts from a saved warm start (train.py --iters 0, then --model <warm>/final --sft-steps 0) shared by
 # all the runs of its env and seed: 1000 supervised steps per run would cost more than the RL on 2 cores. RL starts
 # with a fresh optimiser either way, so this equals one full run (test_iters_zero_is_a_warm_start_other_runs_can_share):
-# multihop StepPO at lr 1e-4, seed 0, is `python train.py`.
+# multihop StepPO at lr 1e-4, seed 0, is `python train.py` (on one install: README, "The default run").
 # ALFWorld: one warm start (seed 0) for every seed (~45 min at 1 thread): 1000 steps on 600 demonstrations.
 WARM = {"tune": [*TUNE, "--iters", "0"], "multihop": ["--iters", "0"],
         "alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "1000", "--sft-episodes", "600", *ALF]}
@@ -219,6 +220,15 @@ def run_all(jobs):
         print(f"done in {time.time() - t0:.0f} s: {j['out']}", flush=True)
 
 
+def install():
+    """What can change a run's numbers besides the code: CPU model and the numeric libraries' versions."""
+    import tokenizers, torch, transformers
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return (f"{cpu}; python {platform.python_version()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, tokenizers {tokenizers.__version__}, numpy {np.__version__}")
+
+
 def summarize(job):
     """Eval curve, start, final, AUC (mean held-out success over the run: trapezoid over iterations), env steps,
     wall time and peak RSS of one finished run (recorded in results/learning.json if its folder is gone)."""
@@ -235,7 +245,7 @@ def summarize(job):
             # how far the policy moved: KL(policy || warm start) per iteration, and the share of clipped ratios
             "kl_ref": [r["kl_ref"] for r in upd], "clipfrac": float(np.mean([r["clipfrac"] for r in upd] or [0])),
             "env_steps": sum(r["mean_steps"] * per_iter for r in rows if "mean_steps" in r), **bench,
-            "cmd": shown_cmd(job), "model_sha256": model_sha256(model_of(job))}
+            "cmd": shown_cmd(job), "model_sha256": model_sha256(model_of(job)), "install": install()}
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantile, 1..10 dof

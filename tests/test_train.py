@@ -362,6 +362,7 @@ def test_benchmark_run_folders_count_only_with_the_same_warm_start(tmp_path, mon
     assert bl.finished_here(job)  # a folder from before the hash file: trusted, as before
     (out / "model_sha256").write_text(bl.model_sha256(bl.model_of(job)))
     assert bl.finished_here(job) and not bl.stale(job)
+    assert f"torch {torch.__version__}" in bl.summarize(job)["install"]  # a record names what it ran on
     (warm / "model.safetensors").write_bytes(b"weights v2")  # the warm start rebuilt under the same folder
     assert bl.stale(job) and not bl.finished_here(job) and not bl.finished(job)
     launched = []
