@@ -13,18 +13,17 @@ Protocol (nothing reported was used to choose anything):
    seed start from the same saved warm start (multihop: one `--iters 0` run per seed, tuning seeds included;
    ALFWorld: one for every seed), so StepPO and a baseline are compared seed by seed (paired).
 Every run is one `python train.py ...` process (its exact command, CPU and library versions are in
-results/learning.json), 1 thread, `--jobs`
-at a time; finished runs (a complete metrics.jsonl) under runs/bench_learning/ are skipped and an interrupted one
-continues from its newest checkpoint (train.py --resume, exact; a run folder whose `model_sha256` names another warm
-start than the one here now is discarded and rerun), so the benchmark can be stopped and restarted at any
-time (a resumed run's wall time covers only its last part: bench_stats.json says "resumed"). Each finished run's
-summary is recorded in results/learning.json as soon as it ends, and the ALFWorld warm start's model is kept in
-results/warm_alfworld_seed0/, so a fresh checkout (run folders gone) skips and reports what an earlier machine
-finished: a recorded run counts only if its command is the same as now (and its warm start's weights, where
-both are known: `model_sha256`). The tables (summary, paired, learning.md and
-the plots) are rewritten from all recorded runs at the end, or by --report. Methods run at the
-authors' settings for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips
-at 3e-4 / 4e-4, the token loss at 0.2 / 0.28 + dual clip).
+results/learning.json), 1 thread, `--jobs` at a time; finished runs (a complete metrics.jsonl) under
+runs/bench_learning/ are skipped and an interrupted one continues from its newest checkpoint (train.py --resume,
+exact; a run folder whose `model_sha256` names another warm start than the one here now is discarded and rerun), so
+the benchmark can be stopped and restarted at any time (a resumed run's wall time covers only its last part:
+bench_stats.json says "resumed"). Each finished run's summary is recorded in results/learning.json as soon as it
+ends, and the ALFWorld warm start's model is kept in results/warm_alfworld_seed0/, so a fresh checkout (run folders
+gone) skips and reports what an earlier machine finished: a recorded run counts only if its command is the same as
+now (and its warm start's weights, where both are known: `model_sha256`). The tables (summary, paired, learning.md
+and the plots) are rewritten from all recorded runs at the end, or by --report. Methods run at the authors' settings
+for each (train.py's defaults: k3 KL loss 0.001, 1 epoch, gamma = lambda = 1; the step loss clips at 3e-4 / 4e-4,
+the token loss at 0.2 / 0.28 + dual clip).
 """
 import argparse
 import hashlib
