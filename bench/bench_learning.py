@@ -189,7 +189,7 @@ def record(job):
 
 def run_all(jobs):
     """Run the unfinished jobs, ARGS.jobs processes at a time; each run's folder gets bench_stats.json (wall time
-    and peak resident memory of that process, from os.wait4)."""
+    and peak resident memory of that process, from os.wait4, and the install it ran on)."""
     todo = [j for j in jobs if not finished(j)]
     running = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -200,9 +200,10 @@ def run_all(jobs):
                 print(f"discard {j['out']}: made from another warm start", flush=True)
                 shutil.rmtree(os.path.join(ROOT, j["out"]))
             os.makedirs(os.path.join(ROOT, j["out"]), exist_ok=True)
-            if j["method"] != "warm" and model_sha256(model_of(j)):
+            sha = None if j["method"] == "warm" else model_sha256(model_of(j))
+            if sha:
                 with open(os.path.join(ROOT, j["out"], "model_sha256"), "w") as f:
-                    f.write(model_sha256(model_of(j)))
+                    f.write(sha)
             resume = bool(scale.checkpoints(os.path.join(ROOT, j["out"])))  # an interrupted run
             log = open(os.path.join(ROOT, j["out"], "train.log"), "a" if resume else "w")
             p = subprocess.Popen(j["cmd"] + ["--resume"] * resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -214,7 +215,8 @@ def run_all(jobs):
         if os.waitstatus_to_exitcode(status) != 0:
             sys.exit(f"failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(j['cmd'])}; see {j['out']}/train.log")
         with open(os.path.join(ROOT, j["out"], "bench_stats.json"), "w") as f:
-            json.dump({"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resume}, f)
+            json.dump({"wall_s": time.time() - t0, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resume,
+                       "install": install()}, f)
         record(j)
         print(f"done in {time.time() - t0:.0f} s: {j['out']}", flush=True)
 
@@ -244,7 +246,7 @@ def summarize(job):
             # how far the policy moved: KL(policy || warm start) per iteration, and the share of clipped ratios
             "kl_ref": [r["kl_ref"] for r in upd], "clipfrac": float(np.mean([r["clipfrac"] for r in upd] or [0])),
             "env_steps": sum(r["mean_steps"] * per_iter for r in rows if "mean_steps" in r), **bench,
-            "cmd": shown_cmd(job), "model_sha256": model_sha256(model_of(job)), "install": install()}
+            "cmd": shown_cmd(job), "model_sha256": model_sha256(model_of(job))}
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantile, 1..10 dof

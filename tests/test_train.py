@@ -362,13 +362,18 @@ def test_benchmark_run_folders_count_only_with_the_same_warm_start(tmp_path, mon
     assert bl.finished_here(job)  # a folder from before the hash file: trusted, as before
     (out / "model_sha256").write_text(bl.model_sha256(bl.model_of(job)))
     assert bl.finished_here(job) and not bl.stale(job)
-    assert f"torch {torch.__version__}" in bl.summarize(job)["install"]  # a record names what it ran on
     (warm / "model.safetensors").write_bytes(b"weights v2")  # the warm start rebuilt under the same folder
     assert bl.stale(job) and not bl.finished_here(job) and not bl.finished(job)
     launched = []
-    monkeypatch.setattr(bl.subprocess, "Popen", lambda cmd, **kw: launched.append(cmd) or types.SimpleNamespace(pid=1))
-    monkeypatch.setattr(bl.os, "wait4", lambda pid, opt: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        bl.run_all([job])
-    assert launched == [job["cmd"]]  # started afresh, not --resume'd from the old folder
-    assert not (out / "metrics.jsonl").exists() and (out / "model_sha256").read_text() == bl.model_sha256(str(warm.relative_to(tmp_path)))
+
+    def fake_run(cmd, **kw):  # the run: the folder was emptied first, and it ends with its final evaluation
+        launched.append((cmd, (out / "metrics.jsonl").exists()))
+        (out / "metrics.jsonl").write_text(json.dumps({"iter": bl.ITERS, "eval_success_rate": 0.25}) + "\n")
+        return types.SimpleNamespace(pid=1)
+    monkeypatch.setattr(bl, "subprocess", types.SimpleNamespace(Popen=fake_run, STDOUT=None))  # bench_learning's only
+    monkeypatch.setattr(bl.os, "wait4", lambda pid, opt: (1, 0, types.SimpleNamespace(ru_maxrss=1024)))
+    bl.run_all([job])
+    assert launched == [(job["cmd"], False)]  # started afresh, not --resume'd from the old folder
+    entry = bl.load_results()["runs"][0]
+    assert entry["final"] == 0.25 and entry["model_sha256"] == bl.model_sha256(bl.model_of(job)) == (out / "model_sha256").read_text()
+    assert f"torch {torch.__version__}" in entry["install"]  # the record names what it ran on
