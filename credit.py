@@ -3,11 +3,14 @@
 StepPO (arXiv 2604.18401, 'step-level credit assignment') runs GAE over turns: one time step = one whole response, the critic is
 read at step boundaries, and advantages are whitened over steps. `token_gae` is token-level PPO's GAE (the
 baseline the paper argues against); `grpo`, `rloo`, `gigpo`, `reinforce_pp` and `reinforce_pp_baseline` are
-critic-free baselines.
+critic-free baselines. `ESTIMATORS` (at the end) is the table train.py reads: each estimator's function, whether it
+needs a critic, groups by task, which loss it pairs with and how it is normalised. The equations: docs/method.md.
 
 Shapes: (N, T) = trajectories x steps, left-aligned, `step_mask` 1 on real steps; (N, L) = trajectories x
 tokens. Every function is vectorised over trajectories; the only Python loops run over time.
 """
+from dataclasses import dataclass
+
 import torch
 
 
@@ -105,6 +108,19 @@ def token_gae(token_rewards, token_values, token_mask, gamma, lam, bootstrap=Non
         next_value = torch.where(m, token_values[:, t], next_value)
     returns = (adv + token_values) * mask
     return adv, returns
+
+
+def token_gae_on_steps(rewards, token_values, token_mask, gamma, lam, bootstrap=None):
+    """`token_gae` on the step grid the trainer keeps: rewards (N, T) per step, token_values and token_mask
+    (N, T, A) per action token. Each step's reward sits on its last action token; a zero column after every step
+    keeps consecutive steps apart, so gamma and lam apply once per step. Returns advantages and returns (N, T, A)."""
+    N, T, A = token_mask.shape
+    last = (token_mask.sum(2).long() - 1).clamp(min=0)  # (N, T) index of each step's last action token
+    tok_r = torch.zeros(N, T, A + 1)
+    tok_r.scatter_(2, last[..., None], _as_float(rewards)[..., None])
+    pad = lambda x: torch.nn.functional.pad(x, (0, 1)).view(N, -1)  # noqa: E731  (N, T, A) -> (N, T (A + 1))
+    adv, ret = token_gae(tok_r.view(N, -1), pad(token_values), pad(token_mask), gamma, lam, bootstrap)
+    return adv.view(N, T, A + 1)[..., :A], ret.view(N, T, A + 1)[..., :A]
 
 
 def _group_stats(x, group_ids):
@@ -208,3 +224,51 @@ def explained_variance(values, returns, mask):
     var = lambda x: (_masked((x - _masked(x, mask).sum() / n) ** 2, mask)).sum() / n  # noqa: E731
     v_ret = var(returns)
     return None if n < 1 or v_ret <= 1e-12 else (1 - var(returns - values) / v_ret).item()
+
+
+# ------------------------------------------------------------------------------------------ the estimator table
+@dataclass
+class CreditInputs:
+    """What an estimator may read: (N, T) = trajectories x steps, (N, T, A) = ... x action tokens."""
+    rewards: torch.Tensor  # (N, T) r_t, 0 outside step_mask
+    step_mask: torch.Tensor  # (N, T) 1 on real steps
+    v_step: torch.Tensor  # (N, T) V(s_t) at step boundaries (0 without a critic)
+    v_tok: torch.Tensor  # (N, T, A) V before each action token (0 without a critic)
+    token_mask: torch.Tensor  # (N, T, A) 1 on real action tokens
+    bootstrap: torch.Tensor  # (N,) V(s_T) of a cut episode under --bootstrap, else 0
+    groups: torch.Tensor  # (N,) task group ids (trajectories of one task share one)
+    states: torch.Tensor  # (N, T) GiGPO anchor-state ids: the observation a step acted on, within its task group
+    gamma: float
+    lam: float
+    all_sum: object  # sums a 1-D tensor over processes (whitening statistics of the whole batch)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One row of the estimator table: everything the loop needs to know about an advantage estimator."""
+    advantages: object  # CreditInputs -> (advantages (N, T) per step or (N, T, A) per token, returns or None)
+    critic: str  # "step": V(s_t) trained at step boundaries | "token": V at every action token | "": no critic
+    grouped: bool  # compares the trajectories of one task: needs --group-size >= 2
+    loss: str  # the loss it runs with when --loss is not given (step: StepPO's; token: PPO's, as the authors' scripts)
+    whitening: str  # "--whiten": whitened over the batch when --whiten (steps; tokens for token advantages) |
+    #                 "always": by definition, inside its function above | "group": its own group-std | "none"
+    about: str  # one line for --help and the docs
+
+
+ESTIMATORS = {  # adding an estimator = its function above + one entry here (train.py reads only this; docs/extending.md)
+    "step_gae": Estimator(lambda x: step_gae(x.rewards, x.v_step, x.step_mask, x.gamma, x.lam, x.bootstrap),
+                          "step", False, "step", "--whiten", "StepPO: GAE over steps, V read at step boundaries"),
+    "token_gae": Estimator(lambda x: token_gae_on_steps(x.rewards, x.v_tok, x.token_mask, x.gamma, x.lam, x.bootstrap),
+                           "token", False, "token", "--whiten", "PPO: GAE over action tokens, gamma once per step"),
+    "grpo": Estimator(lambda x: (grpo(x.rewards.sum(1), x.groups)[:, None] * x.step_mask, None),
+                      "", True, "token", "group", "GRPO: (score - group mean) / group std, broadcast"),
+    "rloo": Estimator(lambda x: (rloo(x.rewards.sum(1), x.groups)[:, None] * x.step_mask, None),
+                      "", True, "token", "none", "RLOO: score - mean of the others in its group, broadcast"),
+    "gigpo": Estimator(lambda x: (gigpo(x.rewards, x.step_mask, x.groups, x.states, x.gamma), None),
+                       "", True, "token", "group", "GiGPO: episode group + anchor-state group"),
+    "reinforce_pp": Estimator(lambda x: (reinforce_pp(x.rewards, x.step_mask, x.gamma, x.all_sum), None),
+                              "", False, "token", "always", "REINFORCE++: reward-to-go, whitened over steps"),
+    "reinforce_pp_baseline": Estimator(
+        lambda x: (reinforce_pp_baseline(x.rewards, x.step_mask, x.groups, x.all_sum), None),
+        "", True, "token", "always", "REINFORCE++-baseline: score - group mean, whitened over steps"),
+}

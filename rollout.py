@@ -13,7 +13,7 @@ Conventions (what the trainer can rely on):
   generation prompt). History is never re-tokenized, so every trajectory is `packable`.
   `window` context: a fresh prompt each turn from the env's `info["prompt"]` (task, current observation,
   last actions), or one built here from the task (= first observation), the last k actions and the observation.
-- Log-probs: `Step.logprobs[j]` = log_softmax(raw logits)[action_ids[j]] in fp32, i.e. the policy at temperature
+- Log-probs: `Step.engine_logprobs[j]` = log_softmax(raw logits)[action_ids[j]] in fp32, i.e. the policy at temperature
   1 before any temperature/top-p processing (vLLM's `logprobs_mode="raw_logprobs"`). A plain forward pass of the
   trainer's model over prompt_ids + action_ids, log_softmax at position j - 1 for token j, reproduces them.
 - EOS: generation stops at the end-of-turn token and that sampled token stays in action_ids with its log-prob,
@@ -305,7 +305,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                 obs, reward, done, info = e.env.step(text)
                 cut = len(ids) >= max_new_tokens and ids[-1] not in eos
                 time_limit = bool(info.get("truncated", False))  # the env's own step limit: an end, not a terminal
-                e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, logprobs=lps, reward=float(reward),
+                e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, engine_logprobs=lps, reward=float(reward),
                                     observation=obs, action_text=text, info={**info, "cut": cut, "truncated": time_limit}))
                 e.actions.append(text)
                 e.done, e.won, e.expert = bool(done) and not time_limit, bool(info.get("won", False)), info.get("expert")

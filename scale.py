@@ -83,8 +83,8 @@ def parse_dataclass(cls, description: str, check, argv=None):
             p.add_argument(flag, type=f.type, default=f.default, help=doc)
     cfg = cls(**vars(p.parse_args(argv)))
     error = check(cfg)
-    if error:
-        p.error(error)
+    if error:  # one line, without the usage block (what to change is in the line)
+        p.exit(2, f"{p.prog}: error: {error}\n")
     return cfg
 
 

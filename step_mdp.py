@@ -17,7 +17,7 @@ class Step:
     """One turn of the step-level MDP (StepPO, 'step-level MDP'): state s_t, action a_t, reward r_t."""
     prompt_ids: list[int]  # s_t: every token the policy was conditioned on this turn
     action_ids: list[int]  # a_t: the whole response generated this turn
-    logprobs: list[float]  # behaviour log-prob of each action token, from the rollout engine
+    engine_logprobs: list[float]  # log-prob of each action token as the rollout engine sampled it (not pi_old)
     reward: float = 0.0
     observation: str = ""  # the environment's message that followed this action
     action_text: str = ""
@@ -42,7 +42,8 @@ class Trajectory:
 class StepBatch:
     """Padded tensors for a list of trajectories. Rows hold one step each, or one whole trajectory when packed.
 
-    Row tensors (B, L): input_ids, attention_mask, action_mask (float, 1 at action tokens), old_logprobs.
+    Row tensors (B, L): input_ids, attention_mask, action_mask (float, 1 at action tokens), engine_logprobs (the
+    rollout engine's log-probs of the action tokens; pi_old is the trainer's own, computed before the update).
     Step tensors (S,) in trajectory-then-step order: step_row (which row holds the step), value_positions
     (where the critic reads V(s_t): the token before the step's first action token), traj_index, step_index.
     action_index (S, A): flat index into a (B * L) tensor of each action token of each step, action_step_mask
@@ -52,7 +53,7 @@ class StepBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     action_mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    engine_logprobs: torch.Tensor
     value_positions: torch.Tensor
     step_row: torch.Tensor
     traj_index: torch.Tensor
@@ -96,7 +97,7 @@ class StepBatch:
         index = self.action_index[keep]
         index = torch.where(mask > 0, where[index // L] * new_L + index % L, torch.zeros_like(index))
         return StepBatch(**{k: getattr(self, k)[rows, :new_L] for k in ("input_ids", "attention_mask", "action_mask",
-                                                                       "old_logprobs")},
+                                                                       "engine_logprobs")},
                          value_positions=self.value_positions[keep], step_row=where[self.step_row[keep]],
                          traj_index=self.traj_index[keep], step_index=self.step_index[keep], action_index=index,
                          action_step_mask=mask, rewards=self.rewards, step_mask=self.step_mask, terminated=self.terminated)
@@ -133,8 +134,8 @@ def _check(traj: Trajectory, i: int) -> None:
     for t, s in enumerate(traj.steps):
         if not s.prompt_ids:
             raise ValueError(f"trajectory {i} step {t}: empty prompt_ids (the critic needs a state token)")
-        if len(s.logprobs) != len(s.action_ids):
-            raise ValueError(f"trajectory {i} step {t}: {len(s.action_ids)} action ids but {len(s.logprobs)} logprobs")
+        if len(s.engine_logprobs) != len(s.action_ids):
+            raise ValueError(f"trajectory {i} step {t}: {len(s.action_ids)} action ids but {len(s.engine_logprobs)} engine_logprobs")
 
 
 def collate(trajectories: list[Trajectory], pad_id: int, pack: bool = False) -> StepBatch:
@@ -157,7 +158,7 @@ def collate(trajectories: list[Trajectory], pad_id: int, pack: bool = False) -> 
                 row_actions.append([])
             start = len(s.prompt_ids)
             rows[-1] = s.prompt_ids + s.action_ids  # packed: the last step's row contains all earlier ones
-            row_actions[-1].append((start, s.action_ids, s.logprobs))
+            row_actions[-1].append((start, s.action_ids, s.engine_logprobs))
             step_row.append(len(rows) - 1)
             value_pos.append(start - 1)
             traj_idx.append(i)
@@ -168,7 +169,7 @@ def collate(trajectories: list[Trajectory], pad_id: int, pack: bool = False) -> 
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, L, dtype=torch.long)
     action_mask = torch.zeros(B, L)
-    old_logprobs = torch.zeros(B, L)
+    engine_logprobs = torch.zeros(B, L)
     action_index = torch.zeros(S, max(A, 1), dtype=torch.long)
     action_step_mask = torch.zeros(S, max(A, 1))
     k = 0
@@ -178,7 +179,7 @@ def collate(trajectories: list[Trajectory], pad_id: int, pack: bool = False) -> 
         for start, ids, lps in acts:
             n = len(ids)
             action_mask[b, start : start + n] = 1.0
-            old_logprobs[b, start : start + n] = torch.tensor(lps, dtype=torch.float32)
+            engine_logprobs[b, start : start + n] = torch.tensor(lps, dtype=torch.float32)
             action_index[k, :n] = b * L + torch.arange(start, start + n)
             action_step_mask[k, :n] = 1.0
             k += 1
@@ -190,7 +191,7 @@ def collate(trajectories: list[Trajectory], pad_id: int, pack: bool = False) -> 
         rewards[i, : len(tr.steps)] = torch.tensor([s.reward for s in tr.steps], dtype=torch.float32)
         step_mask[i, : len(tr.steps)] = 1.0
     return StepBatch(
-        input_ids=input_ids, attention_mask=attention_mask, action_mask=action_mask, old_logprobs=old_logprobs,
+        input_ids=input_ids, attention_mask=attention_mask, action_mask=action_mask, engine_logprobs=engine_logprobs,
         value_positions=torch.tensor(value_pos), step_row=torch.tensor(step_row),
         traj_index=torch.tensor(traj_idx), step_index=torch.tensor(step_idx),
         action_index=action_index, action_step_mask=action_step_mask,

@@ -1,16 +1,17 @@
 """StepPO training loop (arXiv 2604.18401): warm start, multi-turn rollouts, step-level credit, clipped updates.
 
     python train.py                                        # tiny model, multihop, CPU, a few minutes
-    python train.py --env alfworld --estimator grpo --loss token
+    python train.py --env alfworld --estimator grpo        # GRPO (its table entry pairs it with --loss token)
     torchrun --nproc_per_node 2 train.py                   # 2 CPU processes (gloo)
     torchrun --nproc_per_node 8 train.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --engine vllm \
-        --dtype bf16 --fsdp --grad-ckpt --micro-tokens 16384 --vllm-sleep 2 ...   # README: "Running at scale"
+        --dtype bf16 --fsdp --grad-ckpt --micro-tokens 16384 --vllm-sleep 2 ...   # docs/scaling.md
     python train.py --out runs/x --resume                  # continue the run in runs/x from its newest checkpoint
 
-One iteration: collect trajectories -> critic values at step boundaries -> advantages (credit.py) -> `epochs`
-passes of minibatch updates (steppo_loss.py) -> engine.sync(model). DDP switches on from the RANK variable;
-each process collects its own `envs_per_iter` trajectories, gradients are averaged, rank 0 logs. Precision,
-sharding (FSDP2), micro-batches and checkpoints are plumbing kept in scale.py.
+One iteration (the loop in `main`, numbered as the README's pseudocode): tasks -> rollouts -> credit
+(`compute_advantages`, by the ESTIMATORS table) -> pi_old and reference log-probs (`old_and_ref_logprobs`) ->
+minibatch updates (`update`) -> engine.sync. The method equation by equation: docs/method.md; the details that
+make it work: docs/implementation-details.md; every logged key: docs/metrics.md. DDP switches on from the RANK
+variable; precision, sharding (FSDP2), micro-batches and checkpoints are plumbing kept in scale.py.
 """
 import copy
 import dataclasses
@@ -26,17 +27,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import credit
 import envs
 import scale
-from credit import explained_variance, gigpo, group_index, grpo, rloo, step_gae, token_gae, whiten
+from credit import ESTIMATORS, CreditInputs, explained_variance, group_index, whiten
 from scale import all_sum
 from step_mdp import collate, split_rows
 from steppo_loss import (critic_outputs, kl_k3, step_logprobs, step_policy_loss, token_policy_loss, truncated_is_weights,
                          value_loss)
 
-ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "gigpo", "reinforce_pp", "reinforce_pp_baseline")
-GROUPED = ("grpo", "rloo", "gigpo", "reinforce_pp_baseline")  # compare trajectories of one task
+
+def estimator_help() -> str:
+    """The table, as --help prints it."""
+    rows = [f"  {n:<22} critic: {e.critic or '-':<6} grouped: {'yes' if e.grouped else 'no ':<4} loss: {e.loss:<6} "
+            f"whitening: {e.whitening:<9} {e.about}" for n, e in ESTIMATORS.items()]
+    return "\nestimators (--estimator; docs/method.md):\n" + "\n".join(rows) + "\n"
 
 
 @dataclass
@@ -52,8 +56,8 @@ class Config:
     fsdp: bool = False  # shard policy, critic and reference with FSDP2 (under torchrun) instead of DDP
     grad_ckpt: bool = False  # gradient (activation) checkpointing in the policy and the critic
     micro_tokens: int = 0  # > 0: forwards of <= this many padded tokens, LM head at action tokens only; 0: one per minibatch
-    estimator: str = "step_gae"  # step_gae (StepPO) | token_gae (PPO) | grpo | rloo | gigpo | reinforce_pp[_baseline]
-    loss: str = "step"  # step: one clipped ratio per step (StepPO; token_gae: its mean token adv.) | token: per token
+    estimator: str = "step_gae"  # advantage estimator: a name in ESTIMATORS (the table below); step_gae = StepPO
+    loss: str = ""  # step: one clipped ratio per step (StepPO; token advantages: the step's mean) | token: per token; empty: the estimator's own
     context: str = "full"  # full: the conversation grows (packable) | window: fresh prompt each turn
     iters: int = 60  # RL iterations (0: warm start and evaluate only, e.g. to share one warm start between runs)
     envs_per_iter: int = 32  # trajectories collected per iteration per process
@@ -81,7 +85,7 @@ class Config:
     sft_lr: float = 1e-3  # warm-start learning rate
     sft_episodes: int = 256  # expert episodes collected for the warm start (64 were memorised, README)
     sft_batch_size: int = 8  # demonstrations per warm-start step
-    whiten: bool = True  # whiten GAE advantages (over steps: step_gae, over tokens: token_gae; REINFORCE++ always)
+    whiten: bool = True  # whiten the advantages of estimators whose whitening is "--whiten" (step_gae over steps, token_gae over tokens)
     pack: bool = True  # one row per trajectory when the prefix property holds (context=full)
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 5  # evaluate every this many iterations (and at the start and the end)
@@ -93,21 +97,26 @@ class Config:
     save_every: int = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
 
 
+    def __post_init__(self):  # --loss not given: the loss the estimator pairs with (its ESTIMATORS entry)
+        if not self.loss and self.estimator in ESTIMATORS:
+            self.loss = ESTIMATORS[self.estimator].loss
+
+
 def parse_config(argv=None) -> Config:
     """The command line, generated from Config: one flag per field, its comment as the help, its default shown."""
-    return scale.parse_dataclass(Config, __doc__, check_config, argv)
+    return scale.parse_dataclass(Config, __doc__ + estimator_help(), check_config, argv)
 
 
 def check_config(cfg: Config):
     """The reason `cfg` cannot run, or None."""
-    choices = {"engine": ("hf", "vllm"), "estimator": ESTIMATORS, "loss": ("step", "token"), "context": ("full", "window"),
+    choices = {"engine": ("hf", "vllm"), "estimator": tuple(ESTIMATORS), "loss": ("step", "token"), "context": ("full", "window"),
                "eval_split": ("eval", "valid", "train"), "dtype": tuple(scale.DTYPES), "vllm_sleep": (0, 1, 2)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             return f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, not {getattr(cfg, name)!r}"
     if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
         return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
-    if cfg.estimator in GROUPED and cfg.group_size < 2:
+    if ESTIMATORS[cfg.estimator].grouped and cfg.group_size < 2:
         return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
     if cfg.fsdp and "RANK" not in os.environ:
         return "--fsdp runs under torchrun (torchrun --nproc_per_node N train.py ...; N = 1 works)"
@@ -159,11 +168,12 @@ def boundary_values(critic, prompts, pad_id, device, batch_size):
 
 
 @torch.no_grad()
-def behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
-    """Before the update: pi_old, the trainer's own log-probs of every action token (N, T, A), recomputed as PPO
-    implementations (and the StepPO authors') do, so the ratio starts at 1 whatever the engine computed; the
-    reference model's log-probs for the KL loss (None without one); and engine_kl, the mean over action tokens of
-    the k3 estimate of KL(engine || trainer) on the sampled tokens: 0 when the engine's log-probs are the trainer's."""
+def old_and_ref_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
+    """Before the update, no gradient: "old_lp", pi_old, the trainer's own log-probs of every action token (N, T, A),
+    recomputed as PPO implementations (and the StepPO authors') do, so the ratio starts at exactly 1 whatever the
+    engine computed; "ref_lp", the reference model's log-probs for the KL loss (None without one); and "engine_kl",
+    the mean over action tokens of the k3 estimate of KL(engine || trainer) on the sampled tokens, from the engine's
+    log-probs (Step.engine_logprobs): 0 when the engine computes what the trainer computes (docs/metrics.md)."""
     N, T, A = len(trajs), max(len(t.steps) for t in trajs), max(len(s.action_ids) for t in trajs for s in t.steps)
     out = {"old_lp": torch.zeros(N, T, A), "ref_lp": torch.zeros(N, T, A) if ref is not None else None}
     kl_sum, n_tok = 0.0, 0.0
@@ -178,7 +188,7 @@ def behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
             gi, si, mask = idx[b.traj_index.cpu()], b.step_index.cpu(), b.action_step_mask
             out["old_lp"][gi, si, : lp.shape[1]] = lp.float().cpu()
             n = mask.sum().item()
-            kl_sum, n_tok = kl_sum + kl_k3(b.gather_steps(b.old_logprobs), lp, mask).item() * n, n_tok + n
+            kl_sum, n_tok = kl_sum + kl_k3(b.gather_steps(b.engine_logprobs), lp, mask).item() * n, n_tok + n
             if ref is not None:
                 out["ref_lp"][gi, si, : lp.shape[1]] = ref_lp.float().cpu()
     kl_sum, n_tok = all_sum([kl_sum, n_tok], device)
@@ -189,16 +199,15 @@ def behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
 # ------------------------------------------------------------------------------------------ credit
 @torch.no_grad()
 def compute_advantages(cfg, trajs, critic, pad_id, device):
-    """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values.
-
-    step_gae: Sec. 'step-level credit assignment' of StepPO; V(s_t) is read at the step boundary; a cut episode
-    is terminal (V = 0) unless --bootstrap, which reads V at its next state's step boundary; advantages are
-    whitened over steps (over all processes' steps under DDP).
-    """
+    """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values, by the
+    estimator's ESTIMATORS entry (docs/method.md). The critic's V(s_t) is read at each step boundary (and V before
+    every action token for token_gae); a cut episode is terminal (V = 0) unless --bootstrap, which reads V at its
+    next state's step boundary; "--whiten" estimators are whitened over all processes' steps (or tokens)."""
+    est = ESTIMATORS[cfg.estimator]
     full = collate(trajs, pad_id)  # (N, T) grids and the step -> token layout of the whole batch
-    (N, T), A, R, M = full.step_mask.shape, full.action_step_mask.shape[1], full.rewards, full.step_mask
+    (N, T), A, M = full.step_mask.shape, full.action_step_mask.shape[1], full.step_mask
     out = {"v_step": torch.zeros(N, T), "v_tok": torch.zeros(N, T, A), "ret_step": torch.zeros(N, T),
-           "ret_tok": torch.zeros(N, T, A), "adv_tok": None}
+           "ret_tok": torch.zeros(N, T, A)}
     tok_mask = torch.zeros(N, T, A)
     tok_mask[full.traj_index, full.step_index] = full.action_step_mask
     boot = torch.zeros(N)
@@ -222,39 +231,22 @@ def compute_advantages(cfg, trajs, critic, pad_id, device):
                    and len(t.next_prompt_ids) <= limit]  # a state beyond the context stays terminal
             boot[cut] = boundary_values(critic, [trajs[i].next_prompt_ids for i in cut], pad_id, device,
                                         cfg.minibatch_size)
-    if cfg.estimator == "step_gae":
-        adv, out["ret_step"] = step_gae(R, out["v_step"], M, cfg.gamma, cfg.lam, bootstrap=boot)
-        adv = whiten(adv, M, all_sum=procs_sum) if cfg.whiten else adv  # one entry per step, never per token
-    elif cfg.estimator == "token_gae":  # a zero column after each step keeps steps apart: gamma once per step
-        last = (full.action_step_mask.sum(1).long() - 1).clamp(min=0)
-        tok_r = torch.zeros(N, T, A + 1)
-        tok_r[full.traj_index, full.step_index, last] = R[full.traj_index, full.step_index]  # reward at a step's last token
-        pad = lambda x: torch.nn.functional.pad(x, (0, 1)).view(N, -1)  # noqa: E731  (N, T, A) -> (N, T (A + 1))
-        a, r = token_gae(tok_r.view(N, -1), pad(out["v_tok"]), pad(tok_mask), cfg.gamma, cfg.lam, boot)
-        a, out["ret_tok"] = a.view(N, T, A + 1)[..., :A], r.view(N, T, A + 1)[..., :A]
-        out["adv_tok"] = whiten(a, tok_mask, all_sum=procs_sum) if cfg.whiten else a
-        adv = (out["adv_tok"] * tok_mask).sum(2) / tok_mask.sum(2).clamp(min=1)  # --loss step: a step's mean
-    elif cfg.estimator == "reinforce_pp":
-        adv = credit.reinforce_pp(R, M, cfg.gamma, all_sum=procs_sum)
-    else:
-        groups = group_index([t.task_id for t in trajs])
-        score = R.sum(1)  # the trajectory's total reward, broadcast to its steps
-        if cfg.estimator == "reinforce_pp_baseline":
-            adv = credit.reinforce_pp_baseline(R, M, groups, all_sum=procs_sum)
-        elif cfg.estimator in ("grpo", "rloo"):
-            adv = (grpo(score, groups) if cfg.estimator == "grpo" else rloo(score, groups))[:, None] * M
-        else:  # gigpo: anchor states = identical environment observations within a task group
-            states = torch.zeros(N, T, dtype=torch.long)
-            obs = group_index([(traj.task_id, traj.steps[t - 1].observation if t else "")
-                               for traj in trajs for t in range(len(traj.steps))])
-            states[full.traj_index, full.step_index] = obs
-            adv = gigpo(R, M, groups, states, cfg.gamma)
-    if out["adv_tok"] is None:
-        out["adv_tok"] = adv[:, :, None] * tok_mask  # the step's advantage broadcast to its tokens
-    out["adv_step"] = adv
-    if critic is not None:  # is the critic learning? (undefined, so absent, when every return is the same)
-        tok = cfg.estimator == "token_gae"
-        ev = explained_variance(*((out["v_tok"], out["ret_tok"], tok_mask) if tok else (out["v_step"], out["ret_step"], M)))
+    states = torch.zeros(N, T, dtype=torch.long)  # GiGPO's anchor states: the observation each step acted on
+    states[full.traj_index, full.step_index] = group_index(
+        [(traj.task_id, traj.steps[t - 1].observation if t else "") for traj in trajs for t in range(len(traj.steps))])
+    x = CreditInputs(full.rewards, M, out["v_step"], out["v_tok"], tok_mask, boot,
+                     group_index([t.task_id for t in trajs]), states, cfg.gamma, cfg.lam, procs_sum)
+    adv, returns = est.advantages(x)
+    if est.whitening == "--whiten" and cfg.whiten:  # over steps (one entry per step), or over tokens for token_gae
+        adv = whiten(adv, tok_mask if adv.dim() == 3 else M, all_sum=procs_sum)
+    if adv.dim() == 3:  # per-token advantages; --loss step takes each step's mean
+        out["adv_tok"], out["adv_step"] = adv, (adv * tok_mask).sum(2) / tok_mask.sum(2).clamp(min=1)
+    else:  # per-step advantages, broadcast to the step's tokens
+        out["adv_tok"], out["adv_step"] = adv[:, :, None] * tok_mask, adv
+    if est.critic:  # the critic's targets, and is it learning? (explained variance: absent when every return is equal)
+        key, mask = ("tok", tok_mask) if est.critic == "token" else ("step", M)
+        out[f"ret_{key}"] = returns
+        ev = explained_variance(out[f"v_{key}"], returns, mask)
         out.update({"explained_var": ev} if ev is not None else {})
     return out
 
@@ -280,7 +272,7 @@ def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
 
 def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g) -> dict:
     """`epochs` passes of minibatch updates over this iteration's trajectories; returns averaged diagnostics.
-    adv: from compute_advantages; lps: from behaviour_logprobs (pi_old, the reference's log-probs).
+    adv: from compute_advantages; lps: from old_and_ref_logprobs (pi_old, the reference's log-probs).
     A minibatch runs as micro-batches of at most --micro-tokens tokens, as many on every process; each loss is
     weighted by the micro-batch's share of what it averages over (steps or tokens), so the accumulated gradient and
     every diagnostic are the whole minibatch's."""
@@ -299,7 +291,7 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
                 w_step, w_tok, w_all = (real * n / max(total, 1) for n, total in zip(b.counts(), full.counts()))
                 lp, ent = step_logprobs(policy, b, True, cfg.micro_tokens > 0)  # (S, A)
                 old = lps["old_lp"][gi, si, :A].to(device)  # the trainer's log-probs before this update (pi_old)
-                per_step, eng = cfg.loss == "step", b.gather_steps(b.old_logprobs)  # eng: the engine's log-probs
+                per_step, eng = cfg.loss == "step", b.gather_steps(b.engine_logprobs)  # eng: the engine's log-probs
                 w = truncated_is_weights(old, eng, mask, cfg.tis_cap, per_step) if cfg.tis_cap else None  # --tis-cap
                 if per_step:  # StepPO: one ratio per step, clipped per step
                     pl, s = step_policy_loss(lp, old, adv["adv_step"][gi, si].to(device), mask,
@@ -320,7 +312,7 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
                 st["entropy"] += ent * w_tok
                 if critic is not None:
                     _, v_step, v_tok = critic_outputs(critic, b)
-                    if cfg.estimator == "token_gae":  # token-level critic targets
+                    if ESTIMATORS[cfg.estimator].critic == "token":  # token-level critic targets
                         vl, w_v = value_loss(v_tok, adv["v_tok"][gi, si, :A].to(device),
                                              adv["ret_tok"][gi, si, :A].to(device), mask, cfg.vf_clip), w_tok
                     else:  # step-level critic: V(s_t) at step boundaries
@@ -364,7 +356,7 @@ def main(cfg: Config):
         policy, tok = load_policy(cfg.model)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: --model {cfg.model!r}: {e}")
-    critic = load_critic(cfg.critic_model or cfg.model) if cfg.estimator in ("step_gae", "token_gae") else None
+    critic = load_critic(cfg.critic_model or cfg.model) if ESTIMATORS[cfg.estimator].critic else None
     if critic is not None and critic.backbone.config.vocab_size < len(tok):
         raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic.backbone.config.vocab_size} ids, "
                          f"the policy's tokenizer has {len(tok)}")
@@ -443,22 +435,27 @@ def main(cfg: Config):
         if it == cfg.iters:
             log(row)
             break
-        # 1. rollouts: envs_per_iter // group_size tasks, each played group_size times
+        # the iteration, as in the README's pseudocode (docs/method.md, "One iteration")
+        # 1. tasks: envs_per_iter // group_size of them, each played group_size times (a group)
         rng = random.Random(cfg.seed * 1_000_003 + it * 7_919 + rank)
         tasks = [rng.randrange(10_000_000) for _ in range(cfg.envs_per_iter // cfg.group_size)]
         seeds = [s for s in tasks for _ in range(cfg.group_size)]
         clock = [time.time()]  # phase boundaries: rollout | credit | pi_old + reference | update
+        # 2. rollouts, token in token out: Trajectory -> Steps (prompt_ids, action_ids, engine_logprobs, reward)
         trajs = rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31))
         engine.sleep()  # --vllm-sleep: the update gets the engine's memory; sync wakes it
-        # 2. credit assignment; 3. clipped updates; 4. push the new weights into the engine
         clock.append(time.time())
+        # 3. credit: V(s_t) at step boundaries, the estimator's advantages (step GAE), whitened over steps
         adv = compute_advantages(cfg, trajs, critic, pad_id, device)
         clock.append(time.time())
-        lps = behaviour_logprobs(cfg, policy, ref, trajs, pad_id, device)  # pi_old and the reference, no grad
+        # 4. pi_old and the reference's log-probs, recomputed by the trainer (no grad); engine_kl
+        lps = old_and_ref_logprobs(cfg, policy, ref, trajs, pad_id, device)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * 7_919 + rank)
         clock.append(time.time())
+        # 5. minibatch updates: step-aligned clipped loss + k3 KL for the policy, clipped value loss for the critic
         st = update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, trajs, adv, lps, pad_id, device, g)
         clock.append(time.time())
+        # 6. the new weights into the rollout engine
         engine.sync(policy)
         t_roll, t_credit, t_lp, t_upd = (b - a for a, b in zip(clock, clock[1:]))
 

@@ -41,7 +41,7 @@ def update_cost(model, batch, adv):
     t = time.perf_counter()
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     lp = batch.gather_steps(token_logprobs(logits, batch.input_ids))
-    loss, _ = step_policy_loss(lp, batch.gather_steps(batch.old_logprobs), adv, batch.action_step_mask, 0.2, 0.2)
+    loss, _ = step_policy_loss(lp, batch.gather_steps(batch.engine_logprobs), adv, batch.action_step_mask, 0.2, 0.2)
     loss.backward()
     secs = time.perf_counter() - t
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

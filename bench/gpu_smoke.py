@@ -1,7 +1,7 @@
 """Does train.py fit at a real model's size? A random-initialised model of the shape of Qwen2.5-1.5B-Instruct (or
 7B; nothing is downloaded), a critic and a reference of the same shape, and `--iters` iterations of train.py's own
 machinery per setting: HF-engine rollout (window context, every step a fresh prompt), compute_advantages,
-behaviour_logprobs, update (Adam, two steps so its states exist), the weight export a vLLM sync streams.
+old_and_ref_logprobs, update (Adam, two steps so its states exist), the weight export a vLLM sync streams.
 
     torchrun --standalone --nproc_per_node 1 ...   # what each setting runs under (one fresh process per setting)
     python bench/gpu_smoke.py --size 1.5b          # one CUDA GPU (nccl): bench/results/gpu_smoke_1.5b.json, rewritten
@@ -132,7 +132,7 @@ def child(args):
             adv = train.compute_advantages(cfg, trajs, critic, pad, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "logprobs"
-            lps = train.behaviour_logprobs(cfg, policy, ref, trajs, pad, device)
+            lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs, pad, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "update"
             st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())

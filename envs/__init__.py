@@ -1,28 +1,43 @@
-"""Environments for StepPO: `envs.make(name, **kwargs)` and the protocol every env follows.
+"""Environments for StepPO: `envs.make(name, **kwargs)` and the protocol every env follows (docs/envs.md,
+docs/extending.md for a complete plugin).
 
     env = envs.make("alfworld", split="train")      # or "multihop", "hotpotqa", or "my_pkg.my_mod:MyEnv"
     obs, info = env.reset(seed)                      # same seed -> same task (same info["task_id"])
     obs, reward, done, info = env.step(response)     # response: the model's raw text for the turn
 
-An env has `system_prompt` (instructions incl. the action format) and `max_steps`, and may have `tools`: a list of
-JSON schemas in the OpenAI function format ({"type": "function", "function": {"name", "description", "parameters"}})
-that rollout.py passes to the chat template (`apply_chat_template(..., tools=tools)`) so the model sees its own
-tool-call format; where the template renders them, observations then go in as "tool" messages. The env still
-parses the raw response text itself and should describe its format in `system_prompt` for templates without
-tools. `info` always has:
-    task_id    str, identical for the same task instance (the group key for GRPO/GiGPO-style baselines)
-    won        bool, the task is solved
-    invalid    bool, the response could not be parsed or executed (the episode goes on)
+The protocol, complete (what train.py and rollout.py call and read, nothing else):
+- Constructor: `MyEnv(split="train", **env_kwargs)`. train.py builds `--envs-per-iter` envs with `split="train"` and
+  the evaluation envs with `split=--eval-split` ("eval" by default; "valid" for choosing settings), each with the
+  keys of `--env-kwargs` as keyword arguments. `split="train"` and `split="eval"` give disjoint task pools
+  (multihop and alfworld also have "valid", disjoint from both). An env without a `split` argument is refused
+  with a one-line error.
+- `system_prompt` (str): instructions, including the action format. `max_steps` (int): turns per episode (the
+  default of `--max-steps`).
+- `tools` (optional): a list of JSON schemas in the OpenAI function format ({"type": "function", "function":
+  {"name", "description", "parameters"}}) that rollout.py passes to the chat template (`apply_chat_template(...,
+  tools=tools)`) so the model sees its own tool-call format; where the template renders them, observations go in
+  as "tool" messages. The env still parses the raw response text itself and should describe its format in
+  `system_prompt` for templates without tools.
+- `reset(seed) -> (obs, info)`; `step(response) -> (obs, reward, done, info)`. Unparseable responses never raise
+  (they are invalid steps); stepping after `done` raises RuntimeError.
+- `info` always has:
+    task_id    str, identical for the same task instance (the group key for GRPO/RLOO/GiGPO)
+    won        bool, the task is solved (success rate; a trajectory's `success` is its last step's `won`)
+    invalid    bool, the response could not be parsed or executed (the episode goes on; `invalid_rate`)
     admissible list[str] of valid actions, or None when the action space is open
-    expert     the full response text that takes the expert's next action (e.g.
-               "<action>go to cabinet 1</action>"), or None when there is no expert (or after done)
-    prompt     a fresh self-contained user message for the "window" context mode
-Unparseable responses never raise; stepping after `done` raises RuntimeError. `split="train"` and
-`split="eval"` give disjoint task pools (multihop and alfworld also have `split="valid"`, disjoint from both, for
-choosing settings). A user's own env is any class with this interface, loaded by
-`"module.path:ClassName"` (the plugin path forks use).
+    expert     the full response text that takes the expert's next action (e.g. "<action>go to cabinet 1</action>"),
+               or None when there is no expert (or after done): the warm start's demonstrations
+    prompt     a fresh self-contained user message for `--context window` (None: rollout.py builds one from the
+               task, the last actions and the observation)
+  and may have:
+    truncated  bool, True when the env's own step limit ended the episode: a cut, not a terminal state (rollout.py
+               then keeps the next state, for --bootstrap)
+
+A plugin is found like any Python module: `--env my_module:MyEnv` imports `my_module` from the working directory,
+from `PYTHONPATH` (`PYTHONPATH=/path/to/dir python train.py --env my_module:MyEnv`) or from an installed package.
 """
 import importlib
+import inspect
 
 REGISTRY = {
     "alfworld": "envs.alfworld:AlfWorldEnv",
@@ -42,15 +57,33 @@ def load_class(spec):
     return cls
 
 
+def check_arguments(env_cls, kwargs):
+    """A ValueError naming the argument `env_cls` does not take (`split`, or a key of --env-kwargs); None if it takes all."""
+    try:
+        params = inspect.signature(env_cls).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read (a C extension): let the call decide
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in kwargs:
+        if key not in params:
+            if key == "split":
+                raise ValueError("%s.__init__ takes no `split` argument: train.py builds every env with split='train' "
+                                 "or split=<--eval-split> (add `split=\"train\"` to it; envs/__init__.py)" % env_cls.__name__)
+            raise ValueError("%s.__init__ takes no argument %r (from --env-kwargs?)" % (env_cls.__name__, key))
+
+
 def make(name, **kwargs):
     """Build an environment by built-in name or by `"module:Class"`; kwargs go to its constructor."""
     if name in REGISTRY:
-        return load_class(REGISTRY[name])(**kwargs)
-    if ":" in name:
+        env_cls = load_class(REGISTRY[name])
+    elif ":" in name:
         try:
             env_cls = load_class(name)
         except (ImportError, AttributeError, TypeError) as e:
             raise ValueError("cannot load environment class %r (%s: %s)" % (name, type(e).__name__, e)) from e
-        return env_cls(**kwargs)
-    raise ValueError("unknown environment %r: built-in ones are %s, or give a plugin as 'module.path:ClassName'"
-                     % (name, ", ".join(sorted(REGISTRY))))
+    else:
+        raise ValueError("unknown environment %r: built-in ones are %s, or give a plugin as 'module.path:ClassName'"
+                         % (name, ", ".join(sorted(REGISTRY))))
+    check_arguments(env_cls, kwargs)
+    return env_cls(**kwargs)

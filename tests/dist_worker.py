@@ -3,7 +3,7 @@ with FSDP2 (packed rows) and one with DDP (one row per step), micro-batches on, 
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--max-grad-norm X]
 
-Writes OUT_DIR/<mode>-rank<r>.pt (advantages, behaviour log-probs, micro-batch count) and OUT_DIR/<mode>-weights.pt
+Writes OUT_DIR/<mode>-rank<r>.pt (advantages, pi_old and reference log-probs, micro-batch count) and OUT_DIR/<mode>-weights.pt
 (rank 0: the full policy and critic state dicts after the update)."""
 import copy
 import os
@@ -60,7 +60,7 @@ def main(out, extra):
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=cfg.lr), torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr)
         trajs, pad = synthetic(rank), tok.pad_token_id
         adv = train.compute_advantages(cfg, trajs, critic, pad, device)
-        lps = train.behaviour_logprobs(cfg, policy, ref, trajs, pad, device)
+        lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs, pad, device)
         st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())
         from step_mdp import collate, split_rows
         n_micro = len(split_rows(collate(trajs, pad, pack=cfg.pack), cfg.micro_tokens))

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from credit import explained_variance, gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae, whiten
+from credit import (explained_variance, gigpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo, step_gae, token_gae,
+                    token_gae_on_steps, whiten)
 
 
 def ragged(N=7, T=6, seed=0):
@@ -339,6 +340,37 @@ def test_token_gae_per_step_with_step_values_equals_step_gae():
     step_adv, _ = step_gae(rewards, values, mask, 0.9, 0.7, bootstrap=boot)
     assert torch.allclose(adv.view(5, 4, A + 1)[:, :, :A], step_adv[:, :, None].expand(5, 4, A), atol=1e-5)
 
+
+
+def test_token_gae_on_steps_gives_each_token_its_steps_gae_when_values_are_per_step():
+    """The trainer's layout (N, T, A): ragged steps of 1-3 action tokens, each token carrying its step's value ->
+    every action token gets its step's step_gae advantage and return; padding stays 0."""
+    rewards, values, mask, _ = ragged(N=6, T=5, seed=3)
+    n_tok = torch.randint(1, 4, (6, 5), generator=torch.Generator().manual_seed(4))
+    tok_mask = (torch.arange(3)[None, None] < n_tok[..., None]).float() * mask[..., None]  # (N, T, A)
+    boot = torch.randn(6, generator=torch.Generator().manual_seed(5))
+    adv, ret = token_gae_on_steps(rewards, values[..., None] * tok_mask, tok_mask, 0.9, 0.8, bootstrap=boot)
+    step_adv, step_ret = step_gae(rewards, values, mask, 0.9, 0.8, bootstrap=boot)
+    assert torch.allclose(adv, step_adv[..., None] * tok_mask, atol=1e-5)
+    assert torch.allclose(ret, step_ret[..., None] * tok_mask, atol=1e-5)
+
+
+def test_whitened_rloo_equals_reinforce_pp_baseline_for_equal_groups():
+    """RLOO = G / (G - 1) x (score - group mean) for groups of G: whitened over the batch, the scale cancels and it is
+    REINFORCE++-baseline exactly (docs/method.md). With unequal groups the two differ."""
+    g = torch.Generator().manual_seed(0)
+    N, T, G = 12, 4, 4
+    mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (N,), generator=g)[:, None]).float()
+    rewards = (torch.rand(N, T, generator=g) < 0.3).float() * mask
+    groups = torch.arange(N) // G
+    score = rewards.sum(1)
+    mean = torch.stack([score[groups == groups[i]].mean() for i in range(N)])
+    loo = rloo(score, groups)
+    assert torch.allclose(loo, G / (G - 1) * (score - mean), atol=1e-6)
+    assert torch.allclose(whiten(loo[:, None] * mask, mask), reinforce_pp_baseline(rewards, mask, groups), atol=1e-5)
+    uneven = torch.tensor([0] * 2 + [1] * 10)
+    assert not torch.allclose(whiten(rloo(score, uneven)[:, None] * mask, mask),
+                              reinforce_pp_baseline(rewards, mask, uneven), atol=1e-3)
 
 def slow_whiten(vals):
     mean = sum(vals) / len(vals)

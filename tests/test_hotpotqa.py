@@ -325,7 +325,7 @@ def test_collect_in_tool_mode_is_token_in_token_out(sample, tiny, qwen_style):
             for s in tr.steps:
                 assert (json.dumps(SEARCH_TOOL) in tk.decode(s.prompt_ids)) == (tk is tok)
                 ref = forward_logprobs(model, s.prompt_ids, s.action_ids)
-                assert (ref - torch.tensor(s.logprobs)).abs().max() < 1e-4
+                assert (ref - torch.tensor(s.engine_logprobs)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kwargs,flags", [

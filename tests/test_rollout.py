@@ -16,9 +16,9 @@ def check_tito(model, trajs, tol=1e-4):
     """Every step: a fresh forward pass over prompt + action reproduces the engine's log-probs."""
     for tr in trajs:
         for s in tr.steps:
-            assert len(s.logprobs) == len(s.action_ids) > 0
+            assert len(s.engine_logprobs) == len(s.action_ids) > 0
             ref = forward_logprobs(model, s.prompt_ids, s.action_ids)
-            assert torch.allclose(ref, torch.tensor(s.logprobs), atol=tol), (ref - torch.tensor(s.logprobs)).abs().max()
+            assert torch.allclose(ref, torch.tensor(s.engine_logprobs), atol=tol), (ref - torch.tensor(s.engine_logprobs)).abs().max()
 
 
 def test_full_context_token_in_token_out(tiny):
@@ -194,7 +194,7 @@ def test_expert_demonstrations(tiny, name):
     for tr in trajs:
         assert packable(tr)
         for s in tr.steps:
-            assert s.action_ids[-1] == tok.eos_token_id and s.logprobs == [0.0] * len(s.action_ids)
+            assert s.action_ids[-1] == tok.eos_token_id and s.engine_logprobs == [0.0] * len(s.action_ids)
             assert "<action>" in s.action_text and not s.info["invalid"]
 
 

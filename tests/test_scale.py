@@ -66,7 +66,7 @@ def _update(flags, trajs, micro_tokens):
     cfg = train.parse_config(ARGS + flags + ["--micro-tokens", str(micro_tokens)])
     policy, critic, ref, tok = models()
     adv = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, CPU)
-    lps = train.behaviour_logprobs(cfg, policy, ref, trajs, tok.pad_token_id, CPU)
+    lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs, tok.pad_token_id, CPU)
     opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
     st = train.update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, tok.pad_token_id, CPU, torch.Generator())
     return st, policy.state_dict(), critic.state_dict(), adv, lps
@@ -129,7 +129,7 @@ def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
         step = {}  # each process's unclipped SGD step, in one process, from the same advantages
         for r in (0, 1):
             policy, critic, ref, tok = models()
-            lps = train.behaviour_logprobs(cfg, policy, ref, trajs[r], tok.pad_token_id, CPU)
+            lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs[r], tok.pad_token_id, CPU)
             assert torch.allclose(lps["old_lp"], got[r]["lps"]["old_lp"], atol=1e-5)
             opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
             train.update(cfg, policy, critic, opt_p, opt_c, trajs[r], got[r]["adv"], lps, tok.pad_token_id, CPU,

@@ -34,7 +34,7 @@ def test_collate_round_trip(pack):
             pos = torch.arange(len(s.prompt_ids), len(s.prompt_ids) + n)
             assert b.input_ids[row, pos].tolist() == s.action_ids  # decoding the action positions
             assert (b.action_mask[row, pos] == 1).all()
-            assert torch.allclose(b.old_logprobs[row, pos], torch.tensor(s.logprobs))
+            assert torch.allclose(b.engine_logprobs[row, pos], torch.tensor(s.engine_logprobs))
             assert b.gather_steps(b.input_ids.float())[k, :n].long().tolist() == s.action_ids
             k += 1
         assert torch.allclose(b.rewards[i, : len(tr.steps)], torch.tensor([s.reward for s in tr.steps]))

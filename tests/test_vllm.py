@@ -28,7 +28,7 @@ def check_tito(model, trajs, tol=1e-4):
     for tr in trajs:
         for s in tr.steps:
             ref = forward_logprobs(model, s.prompt_ids, s.action_ids)
-            assert torch.allclose(ref, torch.tensor(s.logprobs), atol=tol), (ref - torch.tensor(s.logprobs)).abs().max()
+            assert torch.allclose(ref, torch.tensor(s.engine_logprobs), atol=tol), (ref - torch.tensor(s.engine_logprobs)).abs().max()
 
 
 def test_vllm_token_in_token_out_full_and_window(engine, tiny):
