@@ -246,3 +246,21 @@ def test_token_loss_seq_mean_token_mean_matches_slow_loop(seed):
     loss, _ = token_policy_loss(lp0, lp0, torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0], [1, 1]]),
                                 0.2, 0.2, seq_mean=True)
     assert abs(loss.item() + 1.0) < 1e-6  # token-mean would give (-1 + 0 - 2) / 3 = -1
+
+
+def test_the_worked_example_in_docs_method():
+    """docs/method.md, "A worked example": one 3-step episode through step GAE, whitening over steps and the step
+    ratio at the authors' clip. The numbers printed there are these."""
+    from credit import step_gae, whiten
+    adv, ret = step_gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.8]]), torch.ones(1, 3), 0.9, 0.8)
+    assert torch.allclose(adv, torch.tensor([[0.23008, 0.264, 0.2]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.73008, 0.864, 1.0]]), atol=1e-6)
+    a = whiten(adv, torch.ones(1, 3))[0]  # mean 0.23136, unbiased std 0.03202
+    assert torch.allclose(a, torch.tensor([-0.0400, 1.0194, -0.9794]), atol=1e-4)
+    log_ratio = torch.tensor([[0.0001, -0.0001, 0.0], [0.0004, 0.0006, 0.0008], [-0.001, 0.0, 0.0]])  # lp - pi_old
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0]])  # steps of 2, 3 and 1 action tokens
+    lp = log_ratio.clone().requires_grad_(True)
+    loss, stats = step_policy_loss(lp, torch.zeros(3, 3), a, mask, 3e-4, 4e-4)
+    assert abs(loss.item() - (0.03998 - 1.01980 + 0.97912) / 3) < 1e-5 and abs(stats["clipfrac"] - 2 / 3) < 1e-6
+    loss.backward()  # only step 0 (inside the clip range) gets a gradient: -A / (3 steps x 2 tokens) per token
+    assert torch.allclose(lp.grad, torch.tensor([[0.00666, 0.00666, 0], [0, 0, 0], [0, 0, 0]]), atol=1e-4)

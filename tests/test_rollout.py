@@ -239,3 +239,12 @@ def test_cut_episodes_keep_their_next_state(tiny, context):
     assert len(limited.steps) == 2 and not limited.terminated and limited.steps[-1].info["truncated"]
     assert limited.next_prompt_ids is not None and extends(limited.steps[-1].prompt_ids + limited.steps[-1].action_ids,
                                                           limited.next_prompt_ids)
+
+
+def test_logprobs_are_the_untempered_policys_at_any_temperature(tiny):
+    """Sampled at temperature 0.7 with top-p 0.9, the recorded log-probs are still the policy's own (temperature 1,
+    before top-p): what the trainer's forward computes, so the ratio is taken against the untempered policy."""
+    model, tok = tiny
+    trajs = collect(HFEngine(model, tok), [CountEnv() for _ in range(3)], tok, [1, 2, 3], max_steps=4,
+                    max_new_tokens=8, temperature=0.7, top_p=0.9, seed=0)
+    check_tito(model, trajs)

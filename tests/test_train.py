@@ -1,4 +1,6 @@
 """End-to-end runs of train.py with tiny budgets (CleanRL style): every estimator, resume, DDP, plugins, bad flags."""
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -294,6 +296,52 @@ class FixedCritic(torch.nn.Module):
         return (input_ids * attention_mask).cumsum(1).float() / 1000
 
 
+
+def one_update(tiny, critic, flags=()):
+    """One iteration's update on 4 CountEnv trajectories in ONE minibatch (so its stats are the first minibatch's)."""
+    from conftest import CountEnv
+    from rollout import HFEngine, collect
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    trajs = collect(HFEngine(model, tok), [CountEnv() for _ in range(4)], tok, [1, 1, 2, 2], max_steps=4,
+                    max_new_tokens=4, temperature=1.0, seed=0)
+    cfg = train.parse_config(["--envs-per-iter", "4", "--group-size", "2", "--minibatch-size", "4", *flags])
+    dev = torch.device("cpu")
+    adv = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, dev)
+    lps = train.old_and_ref_logprobs(cfg, model, None, trajs, tok.pad_token_id, dev)
+    opt_p = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-3) if critic is not None else None
+    return trajs, train.update(cfg, model, critic, opt_p, opt_c, trajs, adv, lps, tok.pad_token_id, dev,
+                               torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("loss", ["step", "token"])
+def test_the_ratio_is_exactly_one_on_the_first_minibatch(tiny, loss):
+    """pi_old is the trainer's own forward before the update, so before any optimizer step every ratio is exactly 1:
+    nothing clipped, approx_kl 0 (the 37-details check; docs/metrics.md)."""
+    _, st = one_update(tiny, None, ["--estimator", "grpo", "--loss", loss])
+    assert st["clipfrac"] == 0.0 and st["approx_kl"] == 0.0
+
+
+def test_the_step_critic_is_trained_at_step_boundaries_only(tiny):
+    """The value loss of step_gae reaches the critic's outputs only at each step's boundary (the last state token)."""
+    class Recording(FixedCritic):
+        def __init__(self):
+            super().__init__()
+            self.bias, self.seen = torch.nn.Parameter(torch.zeros(())), []
+
+        def forward(self, input_ids, attention_mask=None):
+            v = super().forward(input_ids, attention_mask) + self.bias
+            if v.requires_grad:  # the update's forward, not compute_advantages' no-grad one
+                v.register_hook(lambda grad: self.seen.append((input_ids, grad)))
+            return v
+    critic = Recording()
+    trajs, _ = one_update(tiny, critic)
+    boundaries = {tuple(s.prompt_ids) for tr in trajs for s in tr.steps}
+    (ids, grad), = critic.seen
+    hits = [(b, j) for b, j in (grad != 0).nonzero().tolist()]
+    assert hits and all(tuple(ids[b, :j + 1].tolist()) in boundaries for b, j in hits)
+    assert len(hits) == sum(len(tr.steps) for tr in trajs)  # one value-loss term per step
+
 def test_bootstrap_reads_the_next_state_at_its_step_boundary(tiny):
     from conftest import CountEnv
     from rollout import HFEngine, collect
@@ -444,3 +492,14 @@ def test_benchmark_run_folders_count_only_with_the_same_warm_start(tmp_path, mon
     entry = bl.load_results()["runs"][0]
     assert entry["final"] == 0.25 and entry["model_sha256"] == bl.model_sha256(bl.model_of(job)) == (out / "model_sha256").read_text()
     assert f"torch {torch.__version__}" in entry["install"]  # the record names what it ran on
+
+
+def test_defaults_are_the_documented_ones():
+    """The algorithmic defaults docs/method.md attributes to the authors' scripts and verl (a change must change the
+    docs too): one epoch, no entropy bonus, the step and token clips, KL, value clip, gradient clip, gamma, lambda."""
+    cfg = train.Config()
+    assert (cfg.estimator, cfg.loss, cfg.epochs, cfg.gamma, cfg.lam, cfg.kl_coef, cfg.vf_clip, cfg.max_grad_norm) == \
+           ("step_gae", "step", 1, 1.0, 1.0, 0.001, 0.5, 1.0)
+    assert (cfg.step_clip_low, cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (3e-4, 4e-4, 0.2, 0.28, 10.0)
+    assert cfg.whiten and cfg.seq_mean and not cfg.bootstrap and cfg.tis_cap == 0.0
+    assert not any("entropy" in f.name or "ent_coef" in f.name for f in dataclasses.fields(train.Config))
