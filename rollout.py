@@ -23,6 +23,7 @@ Conventions (what the trainer can rely on):
   or when the next prompt would not fit the model's context). Such trajectories, and those cut at max_steps,
   get terminated=False and keep the state that would have come next in `Trajectory.next_prompt_ids` (what a
   critic bootstraps from); an episode the env ended for real gets terminated=True and next_prompt_ids=None.
+  Why each of these matters: docs/implementation-details.md (details 2, 3, 6, 12, 25).
 """
 from dataclasses import dataclass, field
 import os

@@ -7,7 +7,7 @@ precision and in how many pieces; with the default flags every function is a no-
     for mb, real in even(split_rows(batch, cfg.micro_tokens), device): ...   # as many micro-batches on every process
     save_checkpoint(cfg.out, it, parts, meta); meta = load_checkpoint(cfg.out, parts)   # torch.distributed.checkpoint
 
-Memory arithmetic and the commands for 1.5B / 7B models on 8 x 80 GB: README, "Running at scale".
+Memory arithmetic and the commands for 1.5B / 7B models on 8 x 80 GB: docs/scaling.md.
 """
 import argparse
 import contextlib
@@ -244,6 +244,11 @@ def save_checkpoint(out, it: int, parts: dict, meta: dict, keep: int = 2):
         dist.barrier()
 
 
+def read_meta(ckpt_dir) -> dict:
+    """A checkpoint's meta.pt: {"iter", "history", "rng", "config"} (the config as a dict of train.Config's fields)."""
+    return torch.load(os.path.join(ckpt_dir, "meta.pt"), weights_only=False)
+
+
 def load_checkpoint(out, parts: dict) -> dict:
     """Load the newest complete checkpoint into `parts` (in place, shards where sharded); returns its meta."""
     done = checkpoints(out)
@@ -258,7 +263,7 @@ def load_checkpoint(out, parts: dict) -> dict:
             if model is not None:
                 set_state_dict(model, opt if opt is not None else [], model_state_dict=state[name]["model"],
                                optim_state_dict=state[name].get("optim", {}))
-        return {**torch.load(os.path.join(done[-1], "meta.pt"), weights_only=False), "path": done[-1]}
+        return {**read_meta(done[-1]), "path": done[-1]}
     except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
         raise SystemExit(f"error: --resume: checkpoint {done[-1]} is unreadable or corrupt ({type(e).__name__}: {e})")
 

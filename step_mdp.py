@@ -6,6 +6,7 @@ the environment's reward. A `Trajectory` is one episode. `collate` turns traject
 
 Shapes: (N, T) = trajectories x steps; (B, L) = rows x tokens; (S, A) = steps x action tokens.
 Token convention everywhere: the log-prob of input_ids[:, j] comes from the logits at position j - 1.
+Packing and why it is exact: docs/method.md (equation 1) and docs/implementation-details.md (details 2, 7).
 """
 from dataclasses import dataclass, field
 

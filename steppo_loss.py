@@ -6,6 +6,7 @@ geometric mean of its token ratios, and clips it once: the unit that is rewarded
 Applied to whole-trajectory rows the same function is GSPO (Zheng et al. 2025, arXiv 2507.18071).
 
 Shapes: (B, L) = rows x tokens. The log-prob of input_ids[:, j] comes from the logits at position j - 1.
+The equations, with a worked example: docs/method.md (equations 4-6).
 """
 import torch
 import torch.nn.functional as F

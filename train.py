@@ -68,7 +68,7 @@ class Config:
     gamma: float = 1.0  # discount per step, for every estimator (token_gae too); the authors' 1.0
     lam: float = 1.0  # GAE lambda, per step; the authors' 1.0
     bootstrap: bool = False  # cut episodes: V(next state) at its step boundary (off: V = 0, as the authors)
-    lr: float = 1e-4  # policy learning rate (the tiny model; chosen on tuning seeds, README "The default run")
+    lr: float = 1e-4  # policy learning rate (the tiny model; chosen on tuning seeds, docs/results.md)
     critic_lr: float = 1e-3  # critic learning rate
     step_clip_low: float = 3e-4  # --loss step: step ratio clipped at 1 - this (the authors' / GSPO's 3e-4)
     step_clip_high: float = 4e-4  # --loss step: ... and at 1 + this (the authors' / GSPO's 4e-4)
@@ -81,9 +81,9 @@ class Config:
     kl_coef: float = 0.001  # k3 KL loss towards the warm-started policy (terms clamped at 10); 0: off
     epochs: int = 1  # passes over each iteration's data
     minibatch_size: int = 8  # trajectories per minibatch
-    sft_steps: int = 1000  # supervised warm-start steps on expert demonstrations (info["expert"]; README)
+    sft_steps: int = 1000  # supervised warm-start steps on expert demonstrations (info["expert"]; docs/results.md)
     sft_lr: float = 1e-3  # warm-start learning rate
-    sft_episodes: int = 256  # expert episodes collected for the warm start (64 were memorised, README)
+    sft_episodes: int = 256  # expert episodes collected for the warm start (64 were memorised, docs/results.md)
     sft_batch_size: int = 8  # demonstrations per warm-start step
     whiten: bool = True  # whiten the advantages of estimators whose whitening is "--whiten" (step_gae over steps, token_gae over tokens)
     pack: bool = True  # one row per trajectory when the prefix property holds (context=full)

@@ -70,7 +70,7 @@ ENV_ARGS = {  # multihop: train.py's defaults (RL from a saved warm start, below
 # Every run starts from a saved warm start (train.py --iters 0, then --model <warm>/final --sft-steps 0) shared by
 # all the runs of its env and seed: 1000 supervised steps per run would cost more than the RL on 2 cores. RL starts
 # with a fresh optimiser either way, so this equals one full run (test_iters_zero_is_a_warm_start_other_runs_can_share):
-# multihop StepPO at lr 1e-4, seed 0, is `python train.py` (on one install: README, "The default run").
+# multihop StepPO at lr 1e-4, seed 0, is `python train.py` (on one machine: docs/results.md, "The default run").
 # ALFWorld: one warm start (seed 0) for every seed (~45 min at 1 thread): 1000 steps on 600 demonstrations.
 WARM = {"tune": [*TUNE, "--iters", "0"], "multihop": ["--iters", "0"],
         "alfworld": ["--env", "alfworld", "--iters", "0", "--sft-steps", "1000", "--sft-episodes", "600", *ALF]}

@@ -15,8 +15,8 @@ JSON: {"machine", "size", "model" (the config), "workload", "iters", "nproc", "s
 "peak_gib" (CUDA: max_memory_allocated within each phase, and "max"; CPU: the process's peak resident set so far
 at the end of each phase, so only "max" compares settings), "seconds" (per iteration: rollout, credit, logprobs,
 update, sync), "gen_tokens_per_s", "train_tokens_per_s" (per iteration), "skipped_updates"}]}.
-With one process FSDP shards nothing: its numbers show the layout's overheads, not 8-way sharding (README,
-"Running at scale", has the arithmetic for 8 GPUs).
+With one process FSDP shards nothing: its numbers show the layout's overheads, not 8-way sharding (docs/scaling.md
+has the arithmetic for 8 GPUs).
 """
 import argparse
 import copy

@@ -16,7 +16,7 @@ searches the chain's entities in order and then answers, so an expert episode ta
 The expert is impatient by default: in a fraction `expert_slip` = 0.7 of the episodes (drawn from the reset seed)
 it answers one hop early, with the last entity it has found (a wrong answer). Imitating it teaches the action
 format and reading, and the habit of stopping too soon, which RL can unlearn from the reward: the warm start's
-greedy policy answers early on most questions, and the default run learns to finish the chain (README "The default
+greedy policy answers early on most questions, and the default run learns to finish the chain (docs/results.md "The default
 run"). `expert_slip=0` gives an expert that always wins.
 `split="train"`, `"valid"` and `"eval"` draw questions from disjoint parts (62.5%, 12.5%, 25%) of all chains of
 the knowledge base (same KB, so eval measures generalisation to new questions, not new facts); valid is for

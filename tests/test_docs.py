@@ -50,11 +50,32 @@ def test_every_code_and_test_reference_resolves(doc):
             [d.splitlines()[0] for d in details if not (TEST_REF.search(d) and CODE_REF.search(d))]
 
 
+def slug(heading):
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=os.path.basename)
+def test_every_link_to_a_file_or_an_anchor_resolves(doc):
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", read(doc)):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+        if not os.path.exists(full):
+            missing.append(target)
+        elif anchor and anchor not in {slug(h) for h in re.findall(r"^#+ (.*)$", read(full), re.M)}:
+            missing.append(target)
+    assert not missing, f"{os.path.basename(doc)} links to what does not exist: {missing}"
+
+
 def test_the_reference_check_can_fail(tmp_path):
     """The resolver above rejects a renamed function and a missing test."""
     assert defines(os.path.join(ROOT, "credit.py"), "step_gae") and defines(os.path.join(ROOT, "credit.py"), "Estimator")
     assert not defines(os.path.join(ROOT, "credit.py"), "step_gae_renamed")
     assert not defines(os.path.join(ROOT, "tests", "test_credit.py"), "test_that_does_not_exist")
+    assert slug("Learning comparison (`bench/bench_learning.py`)") == "learning-comparison-benchbench_learningpy"
 
 
 def test_every_metric_a_run_writes_is_in_metrics_md(tmp_path):

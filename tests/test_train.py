@@ -503,3 +503,40 @@ def test_defaults_are_the_documented_ones():
     assert (cfg.step_clip_low, cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (3e-4, 4e-4, 0.2, 0.28, 10.0)
     assert cfg.whiten and cfg.seq_mean and not cfg.bootstrap and cfg.tis_cap == 0.0
     assert not any("entropy" in f.name or "ent_coef" in f.name for f in dataclasses.fields(train.Config))
+
+
+def test_credit_map_draws_what_credit_py_computes(tmp_path):
+    """bench/credit_map.py on a small run writes its PNG, and every number it draws is credit.py's, recomputed here
+    from the episodes it played (not through train.compute_advantages): the figure cannot drift from the code."""
+    import sys
+    import credit
+    out, _ = run(tmp_path, "--iters", "1", "--env-kwargs", '{"invalid_penalty": 0.1}')
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import credit_map
+    png = credit_map.main([out, "--out", str(tmp_path / "cm" / "map.png"), "--group-size", "3"])
+    assert os.path.getsize(png) > 10_000
+    with open(str(tmp_path / "cm" / "map.json")) as f:
+        rec = json.load(f)
+    mat = {k: {kk: torch.tensor(vv) for kk, vv in v.items()} for k, v in rec["matrices"].items()}
+    eps, cfg = rec["episodes"], rec["config"]
+    N, T = mat["step_mask"]["mean"].shape
+    M = mat["step_mask"]["mean"]
+    R = torch.tensor([e["rewards"] + [0.0] * (T - len(e["rewards"])) for e in eps])
+    g, lam, groups = cfg["gamma"], cfg["lam"], credit.group_index([e["task_id"] for e in eps])
+    V, close = mat["V(s_t)"]["mean"], lambda a, b: torch.allclose(a, b, atol=1e-5)
+    assert V.abs().sum() > 0  # the run's critic, read at step boundaries
+    assert close(mat["step_gae"]["mean"], credit.whiten(credit.step_gae(R, V, M, g, lam)[0], M))
+    tm = mat["inputs"]["token_mask"]
+    assert tm.sum(2).tolist() == [e["action_tokens"] + [0] * (T - len(e["action_tokens"])) for e in eps]
+    tok = credit.whiten(credit.token_gae_on_steps(R, mat["inputs"]["v_tok"], tm, g, lam)[0], tm)
+    assert close(mat["token_gae"]["mean"], (tok * tm).sum(2) / tm.sum(2).clamp(min=1))
+    assert close(mat["token_gae"]["min"], torch.where(tm > 0, tok, torch.tensor(9.0)).amin(2) * M)
+    assert close(mat["token_gae"]["max"], torch.where(tm > 0, tok, torch.tensor(-9.0)).amax(2) * M)
+    score = R.sum(1)
+    assert close(mat["grpo"]["mean"], credit.grpo(score, groups)[:, None] * M)
+    assert close(mat["rloo"]["mean"], credit.rloo(score, groups)[:, None] * M)
+    states = torch.zeros(N, T, dtype=torch.long)
+    keys = [(e["task_id"], e["observations"][t - 1] if t else "") for e in eps for t in range(len(e["rewards"]))]
+    states[M > 0] = credit.group_index(keys)
+    assert close(mat["gigpo"]["mean"], credit.gigpo(R, M, groups, states, g))
+    assert close(mat["reinforce_pp_baseline"]["mean"], credit.reinforce_pp_baseline(R, M, groups))
