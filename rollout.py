@@ -28,6 +28,7 @@ Conventions (what the trainer can rely on):
 from dataclasses import dataclass, field
 import os
 import sys
+import traceback
 
 import torch
 from tqdm import tqdm
@@ -249,6 +250,13 @@ class Episode:
     done: bool = False  # the environment ended it
     live: bool = True
     won: bool = False
+    error: str | None = None  # the traceback of an exception the env raised: the episode ended there
+    seed: int | None = None  # the task seed it was reset with
+
+
+def env_error(env, seed, where: str) -> str:
+    """What an exception raised by env.reset / env.step says, with the env's class and the task seed (call in except)."""
+    return f"{type(env).__name__}.{where} raised on task seed {seed}:\n{traceback.format_exc().rstrip()}"
 
 
 def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max_new_tokens: int,
@@ -264,6 +272,8 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     `expert=True` plays the env's `info["expert"]` responses instead of sampling (warm-start demonstrations):
     their ids + the end-of-turn token, with log-probs 0; the engine is not called; an episode ends at the first
     state without an expert action.
+    An exception from an env's `reset` or `step` ends that episode: its Trajectory keeps the steps before it and the
+    traceback in `error` (success False), and the caller decides (train.py leaves it out of the update).
     """
     if context not in ("full", "window"):
         raise ValueError(f"context must be 'full' or 'window', not {context!r}")
@@ -278,12 +288,18 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
         batch_seed = None if seed is None else seed + 1_000_003 * (start // len(envs))
         episodes = []
         for env, s in zip(envs, seeds[start:start + len(envs)]):
-            obs, info = env.reset(seed=s)
+            try:
+                obs, info = env.reset(seed=s)
+                task_id = str(info["task_id"])
+            except Exception:  # a crashing env ends its episode, not the run (the caller leaves it out)
+                episodes.append(Episode(env, "", [], f"seed-{s}", live=False, error=env_error(env, s, "reset"), seed=s))
+                bar.update()
+                continue
             user = (info.get("prompt") or window_message(obs, obs, [], window)) if context == "window" else obs
             tools = getattr(env, "tools", None)
             episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user, tools),
-                                    str(info["task_id"]), expert=info.get("expert"),
-                                    role=observation_role(tokenizer, tools)))
+                                    task_id, expert=info.get("expert"),
+                                    role=observation_role(tokenizer, tools), seed=s))
             if len(episodes[-1].prompt) + max_new_tokens > max_len:
                 bar.close()
                 raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
@@ -303,7 +319,11 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                                        seed=None if batch_seed is None else batch_seed + turn)
             for e, (ids, lps) in zip(live, outs):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                obs, reward, done, info = e.env.step(text)
+                try:
+                    obs, reward, done, info = e.env.step(text)
+                except Exception:
+                    e.error, e.live = env_error(e.env, e.seed, "step"), False
+                    continue
                 cut = len(ids) >= max_new_tokens and ids[-1] not in eos
                 time_limit = bool(info.get("truncated", False))  # the env's own step limit: an end, not a terminal
                 e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, engine_logprobs=lps, reward=float(reward),
@@ -325,7 +345,7 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                     e.live = False
             bar.update(sum(not e.live for e in live))
             bar.set_postfix(turn=turn + 1, live=sum(e.live for e in episodes))
-        trajectories += [Trajectory(e.steps, e.task_id, terminated=e.done, success=e.won,
-                                    next_prompt_ids=None if e.done else e.prompt) for e in episodes]
+        trajectories += [Trajectory(e.steps, e.task_id, terminated=e.done, success=e.won and not e.error,
+                                    next_prompt_ids=None if e.done else e.prompt, error=e.error) for e in episodes]
     bar.close()
     return trajectories

@@ -13,10 +13,14 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import json
 import os
 import random
 import re
 import shutil
+import signal
+import sys
+import threading
 import warnings
 
 import numpy as np
@@ -92,10 +96,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 # ------------------------------------------------------------------------------------------ precision and sharding
@@ -203,10 +203,16 @@ def save_pretrained(model, tok, path):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+META = "meta.json"  # iteration, history, config: JSON, so reading a checkpoint can never run code
+LEGACY_META = "meta.pt"  # checkpoints written before meta.json; read with weights_only=True
+LEGACY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]  # its numpy RNG state
+
+
 def checkpoints(out) -> list[str]:
     """Complete checkpoints in `out`, oldest first: ckpt-<iter>/ folders (a save in progress is ckpt-<iter>.tmp/)."""
     done = [(int(m.group(1)), m.group(0)) for m in map(re.compile(r"ckpt-(\d+)$").match, sorted(os.listdir(out)))
-            if m and os.path.exists(os.path.join(out, m.group(0), "meta.pt"))] if os.path.isdir(out) else []
+            if m and any(os.path.exists(os.path.join(out, m.group(0), f)) for f in (META, LEGACY_META))] \
+        if os.path.isdir(out) else []
     return [os.path.join(out, name) for _, name in sorted(done)]
 
 
@@ -220,21 +226,46 @@ def _state(parts: dict) -> dict:
     return state
 
 
-def save_checkpoint(out, it: int, parts: dict, meta: dict, keep: int = 2):
+def _anywhere(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (so every process takes the same branch)."""
+    if not dist.is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return all_sum([float(flag)], device)[0] > 0
+
+
+def save_checkpoint(out, it: int, parts: dict, meta: dict, keep: int = 2) -> bool:
     """Every process writes its shards with torch.distributed.checkpoint into <out>/ckpt-<it>.tmp/; rank 0 adds
-    meta.pt (history, RNG state, config) and renames the folder to ckpt-<it>/, so a crash leaves the older
-    checkpoints whole. The newest `keep` are kept."""
+    meta.json (iteration, history, config) and renames the folder to ckpt-<it>/, so a crash leaves the older
+    checkpoints whole. The newest `keep` are kept. A write that fails (a full disk) is reported, its folder removed,
+    the older checkpoints left as they are, and False returned: the run goes on."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     tmp = os.path.join(out, f"ckpt-{it}.tmp")
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
     if dist.is_initialized():
         dist.barrier()
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, as intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(_state(parts), checkpoint_id=tmp)
+    error = None
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, as intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(_state(parts), checkpoint_id=tmp)
+        if master:
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f)
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        error = e
+    if _anywhere(error is not None):
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = ", ".join(map(os.path.basename, checkpoints(out))) or "none"
+            reason = f"{type(error).__name__}: {error}" if error else "another process failed to write its shards"
+            print(f"warning: checkpoint of iteration {it} not written ({reason}); the run goes on, older checkpoints "
+                  f"kept: {kept}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.barrier()
+        return False
     if master:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
         final = os.path.join(out, f"ckpt-{it}")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -242,30 +273,86 @@ def save_checkpoint(out, it: int, parts: dict, meta: dict, keep: int = 2):
             shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
+    return True
 
 
 def read_meta(ckpt_dir) -> dict:
-    """A checkpoint's meta.pt: {"iter", "history", "rng", "config"} (the config as a dict of train.Config's fields)."""
-    return torch.load(os.path.join(ckpt_dir, "meta.pt"), weights_only=False)
+    """A checkpoint's meta: {"iter", "history", "config"} (the config as a dict of train.Config's fields). meta.json,
+    or a legacy meta.pt read with weights_only=True: a crafted pickle raises instead of running its payload."""
+    if os.path.exists(os.path.join(ckpt_dir, META)):
+        with open(os.path.join(ckpt_dir, META)) as f:
+            meta = json.load(f)
+    else:
+        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+            meta = torch.load(os.path.join(ckpt_dir, LEGACY_META), weights_only=True)
+    if not isinstance(meta, dict) or not {"iter", "history", "config"} <= set(meta):
+        raise ValueError("its meta file lacks iter, history or config")
+    return meta
 
 
 def load_checkpoint(out, parts: dict) -> dict:
-    """Load the newest complete checkpoint into `parts` (in place, shards where sharded); returns its meta."""
+    """Load the newest readable checkpoint into `parts` (in place, shards where sharded); returns its meta. An
+    unreadable one (truncated shard, missing or corrupt meta) is reported by name and the one before it tried."""
     done = checkpoints(out)
     if not done:
         raise SystemExit(f"error: --resume: no checkpoint (ckpt-<iter>/ folder) in {out}")
-    try:
-        state = _state(parts)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=done[-1])
-        for name, (model, opt) in parts.items():
-            if model is not None:
-                set_state_dict(model, opt if opt is not None else [], model_state_dict=state[name]["model"],
-                               optim_state_dict=state[name].get("optim", {}))
-        return {**read_meta(done[-1]), "path": done[-1]}
-    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-        raise SystemExit(f"error: --resume: checkpoint {done[-1]} is unreadable or corrupt ({type(e).__name__}: {e})")
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    for path in reversed(done):
+        try:
+            meta = read_meta(path)
+            state = _state(parts)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, checkpoint_id=path)
+            for name, (model, opt) in parts.items():
+                if model is not None:
+                    set_state_dict(model, opt if opt is not None else [], model_state_dict=state[name]["model"],
+                                   optim_state_dict=state[name].get("optim", {}))
+            error = None
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            error = e
+        if not _anywhere(error is not None):
+            return {**meta, "path": path}
+        if master:
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}" if error else "another process failed"
+            print(f"warning: --resume: checkpoint {path} is unreadable or corrupt ({reason}); trying the one before",
+                  file=sys.stderr)
+    raise SystemExit(f"error: --resume: no readable checkpoint in {out} (tried {', '.join(map(os.path.basename, done))})")
+
+
+class Preemption:
+    """SIGTERM (a scheduler preempting the job; torchrun forwards it to every process) and Ctrl-C, for the duration of
+    a `with` block: the first sets a flag the loop reads after each iteration (`requested()` is collective, so every
+    process agrees), and the loop then writes that iteration's checkpoint and exits with 128 + the signal's number;
+    `--resume` continues exactly. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.signum, self.old = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name} received: stopping after this iteration, with a checkpoint",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        return _anywhere(self.signum is not None)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal to another process"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def plot_curve(out_dir, rows):

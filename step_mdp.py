@@ -33,6 +33,7 @@ class Trajectory:
     terminated: bool  # True: the environment ended it; False: cut (step limit, context limit)
     success: bool = False
     next_prompt_ids: list[int] | None = None  # s_T, the state after the last step of a cut episode (bootstrap)
+    error: str | None = None  # the env raised (rollout.collect): the episode is left out of training
 
     @property
     def total_reward(self) -> float:

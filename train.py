@@ -7,7 +7,7 @@
         --dtype bf16 --fsdp --grad-ckpt --micro-tokens 16384 --vllm-sleep 2 ...   # docs/scaling.md
     python train.py --out runs/x --resume                  # continue the run in runs/x from its newest checkpoint
 
-One iteration (the loop in `main`, numbered as the README's pseudocode): tasks -> rollouts -> credit
+One iteration (the loop in `run`, numbered as the README's pseudocode): tasks -> rollouts -> credit
 (`compute_advantages`, by the ESTIMATORS table) -> pi_old and reference log-probs (`old_and_ref_logprobs`) ->
 minibatch updates (`update`) -> engine.sync. The method equation by equation: docs/method.md; the details that
 make it work: docs/implementation-details.md; every logged key: docs/metrics.md. DDP switches on from the RANK
@@ -16,6 +16,7 @@ variable; precision, sharding (FSDP2), micro-batches and checkpoints are plumbin
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -95,6 +96,7 @@ class Config:
     out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt-<iter>/, final/, curve.png
     resume: bool = False  # continue from the newest <out>/ckpt-<iter>/
     save_every: int = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
+    max_env_errors: float = 0.5  # stop when more than this share of an iteration's episodes end by an env exception
 
 
     def __post_init__(self):  # --loss not given: the loss the estimator pairs with (its ESTIMATORS entry)
@@ -114,15 +116,27 @@ def check_config(cfg: Config):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             return f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, not {getattr(cfg, name)!r}"
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for f in dataclasses.fields(cfg):  # every number before any work: nan and inf are never a setting
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            return f"{flag(f.name)} must be a finite number, not {getattr(cfg, f.name)}"
+    for name in ("lr", "critic_lr", "sft_lr", "vf_clip", "max_grad_norm"):
+        if getattr(cfg, name) <= 0:
+            return f"{flag(name)} must be > 0, not {getattr(cfg, name)}"
+    for name in ("group_size", "epochs", "minibatch_size", "sft_batch_size", "sft_episodes", "max_new_tokens",
+                 "eval_every", "eval_episodes", "save_every"):
+        if getattr(cfg, name) < 1:
+            return f"{flag(name)} must be >= 1, not {getattr(cfg, name)}"
     if cfg.envs_per_iter < 1 or cfg.envs_per_iter % cfg.group_size:
         return f"--envs-per-iter ({cfg.envs_per_iter}) must be a positive multiple of --group-size ({cfg.group_size})"
     if ESTIMATORS[cfg.estimator].grouped and cfg.group_size < 2:
         return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
     if cfg.fsdp and "RANK" not in os.environ:
         return "--fsdp runs under torchrun (torchrun --nproc_per_node N train.py ...; N = 1 works)"
-    for name in ("epochs", "minibatch_size", "sft_batch_size", "max_new_tokens", "eval_every", "eval_episodes", "save_every"):
-        if getattr(cfg, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1"
+    if max(cfg.clip_low, cfg.step_clip_low) >= 1:
+        return "--clip-low and --step-clip-low must be < 1 (the ratio is clipped below at 1 - it)"
+    if not 0 <= cfg.max_env_errors <= 1:
+        return f"--max-env-errors is a share of an iteration's episodes, in [0, 1], not {cfg.max_env_errors}"
     if min(cfg.iters, cfg.sft_steps, cfg.max_steps, cfg.temperature, cfg.micro_tokens, cfg.step_clip_low,
            cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.tis_cap) < 0:
         return "--iters, --sft-steps, --max-steps, --temperature, --micro-tokens, clip ranges, --kl-coef, --tis-cap >= 0"
@@ -331,6 +345,21 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
     return out
 
 
+def finished_only(trajs, cfg, device, what: str):
+    """The episodes whose env did not raise, and how many did (all processes). The first traceback goes to stderr;
+    every process stops together when errors are the rule: over --max-env-errors of the episodes, or none left here."""
+    errored = [t for t in trajs if t.error]
+    if errored:
+        tqdm.write(f"{what}: {len(errored)} of {len(trajs)} episodes ended by an environment error, left out; the first: "
+                   f"{errored[0].error}", file=sys.stderr)
+    kept = [t for t in trajs if not t.error]
+    n_err, n, none_left = all_sum([len(errored), len(trajs), float(not kept)], device)
+    if n_err > cfg.max_env_errors * n or none_left:
+        raise SystemExit(f"error: {what}: {n_err:.0f} of {n:.0f} episodes ended by an environment error (more than "
+                         f"--max-env-errors {cfg.max_env_errors}, or a process has none left): the env is broken")
+    return kept, int(n_err)
+
+
 def rollout_stats(trajs, device) -> dict:
     """Success, return, steps, invalid actions, and the share of task groups with a win and a loss (all processes)."""
     steps, groups = [s for t in trajs for s in t.steps], {}
@@ -346,10 +375,16 @@ def rollout_stats(trajs, device) -> dict:
 
 # ------------------------------------------------------------------------------------------ main loop
 def main(cfg: Config):
+    """One run; SIGTERM and Ctrl-C end it after the iteration in progress, with a checkpoint (scale.Preemption)."""
+    with scale.Preemption() as preempted:
+        run(cfg, preempted)
+
+
+def run(cfg: Config, preempted):
     rank, world, device = scale.setup_distributed()
     master = rank == 0
     from model import load_critic, load_policy, pad_id as get_pad_id  # heavy imports after argument checks
-    from rollout import VLLMEngine, collect
+    from rollout import collect
 
     scale.seed_everything(cfg.seed * 1_000_003 + rank)
     try:
@@ -391,10 +426,14 @@ def main(cfg: Config):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def evaluate(engine) -> float:
+    def evaluate(engine) -> dict:  # an episode ended by an env error counts as a failure, and is counted
         trajs = rollouts(engine, eval_envs, list(range(rank, cfg.eval_episodes, world)), 0.0, cfg.seed)  # split by rank
-        won, n = all_sum([sum(t.success for t in trajs), len(trajs)], device)
-        return won / max(n, 1)
+        errored = [t for t in trajs if t.error]
+        if errored:
+            tqdm.write(f"evaluation: {len(errored)} episodes ended by an environment error (counted as failures); the "
+                       f"first: {errored[0].error}", file=sys.stderr)
+        won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
+        return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {})}
 
     engine = scale.make_engine(cfg, policy, tok, rank, device)  # hf: the trainer's model; vllm: colocated, bf16 or not
     engine.sleep()  # --vllm-sleep: the engine's memory is free until the first sync
@@ -408,7 +447,8 @@ def main(cfg: Config):
         g = torch.Generator().manual_seed(cfg.seed * 7 + rank)
         if cfg.sft_steps:  # warm start on expert demonstrations from the training pool
             demo_seeds = [10_000_000 + rank * cfg.sft_episodes + i for i in range(cfg.sft_episodes)]
-            demos = [t for t in rollouts(engine, train_envs, demo_seeds, 0.0, cfg.seed, expert=True) if t.steps]
+            demos = [t for t in rollouts(engine, train_envs, demo_seeds, 0.0, cfg.seed, expert=True)
+                     if t.steps and not t.error]  # an episode whose env raised is no demonstration
             if all_sum([float(not demos)], device)[0]:  # every process stops together, none waits for the others
                 raise SystemExit(f"error: --sft-steps: a process got no expert demonstration from {cfg.env!r} (info[\"expert\"])")
             opt_sft = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)  # RL starts afresh, as
@@ -431,7 +471,7 @@ def main(cfg: Config):
         scale.seed_everything(cfg.seed * 1_000_003 + it * 7_919 + rank)  # per-iteration streams: resume is exact
         row = {"iter": it}
         if it % cfg.eval_every == 0 or it == cfg.iters:
-            row["eval_success_rate"] = evaluate(engine)
+            row.update(evaluate(engine))
         if it == cfg.iters:
             log(row)
             break
@@ -442,7 +482,8 @@ def main(cfg: Config):
         seeds = [s for s in tasks for _ in range(cfg.group_size)]
         clock = [time.time()]  # phase boundaries: rollout | credit | pi_old + reference | update
         # 2. rollouts, token in token out: Trajectory -> Steps (prompt_ids, action_ids, engine_logprobs, reward)
-        trajs = rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31))
+        trajs, env_errors = finished_only(rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31)),
+                                          cfg, device, f"iteration {it}")  # an env that raised ends its episode only
         engine.sleep()  # --vllm-sleep: the update gets the engine's memory; sync wakes it
         clock.append(time.time())
         # 3. credit: V(s_t) at step boundaries, the estimator's advantages (step GAE), whitened over steps
@@ -463,7 +504,8 @@ def main(cfg: Config):
         row.update(**rollout_stats(trajs, device), **{k: st[k] for k in ("policy_loss", "value_loss", "clipfrac",
                    "approx_kl", "entropy")}, engine_kl=lps["engine_kl"], skipped_updates=st["skipped_updates"],
                    tokens_per_s=gen_tokens / max(t_roll, 1e-9), train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9),
-                   rollout_s=t_roll, credit_s=t_credit, logprob_s=t_lp, update_s=t_upd, wall_s=time.time() - t0)
+                   rollout_s=t_roll, credit_s=t_credit, logprob_s=t_lp, update_s=t_upd, wall_s=time.time() - t0,
+                   env_errors=env_errors)
         extra = {"dual_clipfrac": cfg.loss == "token" and cfg.dual_clip, "kl_ref": ref is not None}
         row.update({k: st[k] for k, on in extra.items() if on}, **{k: adv[k] for k in ("explained_var",) if k in adv})
         if st["skipped_updates"] and master:
@@ -474,9 +516,15 @@ def main(cfg: Config):
             tqdm.write(f"iter {it}: success {row['success_rate']:.2f} return {row['mean_return']:.2f} "
                        f"steps {row['mean_steps']:.1f} invalid {row['invalid_rate']:.2f}{ev} ({row['wall_s']:.1f}s)")
             bar.update()
-        if (it + 1) % cfg.save_every == 0 or it == cfg.iters - 1:  # every process writes its shards
-            scale.save_checkpoint(cfg.out, it, parts, {"iter": it, "history": history, "rng": scale.rng_state(),
-                                                       "config": dataclasses.asdict(cfg)})
+        stop = preempted.requested()  # SIGTERM / Ctrl-C: this iteration's checkpoint, then leave (--resume continues)
+        if (it + 1) % cfg.save_every == 0 or it == cfg.iters - 1 or stop:  # every process writes its shards
+            scale.save_checkpoint(cfg.out, it, parts, {"iter": it, "history": history, "config": dataclasses.asdict(cfg)})
+        if stop:
+            if master:
+                print(f"stopped by {preempted.name} after iteration {it}: checkpoint {cfg.out}/ckpt-{it}; continue with "
+                      f"--resume", file=sys.stderr)
+            shutdown(engine)
+            raise SystemExit(preempted.exit_code)
     bar.close()
 
     scale.save_pretrained(policy, tok, os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM
@@ -484,6 +532,12 @@ def main(cfg: Config):
         scale.plot_curve(cfg.out, history)
         ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
         print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
+    shutdown(engine)
+
+
+def shutdown(engine):
+    """The vLLM engine, then the process group; every process together."""
+    from rollout import VLLMEngine
     if isinstance(engine, VLLMEngine):
         engine.close()  # vLLM tears down the process groups it made inside ours: before ours goes
     if dist.is_initialized():

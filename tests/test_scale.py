@@ -164,9 +164,14 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
     cut = str(tmp_path / "cut")  # what a run interrupted after iteration 0 leaves behind
     os.makedirs(cut)
     shutil.copytree(os.path.join(full, "ckpt-0"), os.path.join(cut, "ckpt-0"))
-    os.makedirs(os.path.join(cut, "ckpt-1.tmp"))  # a save that never finished: ignored
+    os.makedirs(os.path.join(cut, "ckpt-2.tmp"))  # a save that never finished: ignored
+    shutil.copytree(os.path.join(full, "ckpt-1"), os.path.join(cut, "ckpt-1"))  # newest, with process 1's shard cut
+    with open(os.path.join(cut, "ckpt-1", "__1_0.distcp"), "r+b") as f:
+        f.truncate(100)
     r = torchrun_train([*flags, "--out", cut, "--resume"], port=29533)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("ckpt-1 is unreadable or corrupt") == 1 and "resumed from" in r.stdout  # rank 0 says it
+    assert f"{os.path.join(cut, 'ckpt-0')} at iteration 1" in r.stdout  # every process fell back to ckpt-0 together
     resumed = metric_rows(cut)
     assert [row["iter"] for row in resumed] == [0, 1, 2]
     for a, b in zip(rows, resumed):
@@ -178,11 +183,42 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert not torch.equal(a.lm_head.weight, load_policy("tiny")[0].lm_head.weight)
 
 
+
+def test_sigterm_under_torchrun_every_process_checkpoints_and_stops(tmp_path):
+    """torchrun forwards SIGTERM to both processes; they agree after the iteration in progress, write one sharded
+    checkpoint together and stop; --resume under torchrun continues exactly."""
+    import signal
+    import time
+    out, flags = str(tmp_path / "preempted"), [*TINY, "--save-every", "10"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           os.path.join(ROOT, "train.py"), *flags, "--iters", "40", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    start = time.time()
+    while time.time() - start < 180 and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
+                                             and len(metric_rows(out)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    last = metric_rows(out)[-1]["iter"]
+    assert f"stopped by SIGTERM after iteration {last}" in stderr, stderr[-3000:]
+    assert sorted(f for f in os.listdir(os.path.join(out, f"ckpt-{last}")) if f.endswith(".distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]  # both processes wrote their shards
+    n = last + 2
+    r = torchrun_train([*flags, "--iters", str(n), "--out", out, "--resume"], port=29542)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = str(tmp_path / "full")
+    r = torchrun_train([*flags, "--iters", str(n), "--out", full], port=29543)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(metric_rows(full), metric_rows(out)):
+        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+
 def test_checkpoints_keep_the_newest_two_and_save_every(tmp_path):
     out = str(tmp_path / "run")
     train.main(train.parse_config(TINY + ["--iters", "4", "--save-every", "3", "--out", out]))
     assert sorted(d for d in os.listdir(out) if d.startswith("ckpt")) == ["ckpt-2", "ckpt-3"]  # every 3rd and the last
-    meta = torch.load(os.path.join(out, "ckpt-3", "meta.pt"), weights_only=False)
+    meta = scale.read_meta(os.path.join(out, "ckpt-3"))
     assert meta["iter"] == 3 and [r["iter"] for r in meta["history"]] == [0, 1, 2, 3]
     assert scale.checkpoints(out) == [os.path.join(out, "ckpt-2"), os.path.join(out, "ckpt-3")]
 

@@ -48,7 +48,7 @@ def test_two_iterations_every_estimator(tmp_path, env, estimator, loss):
     else:
         assert rows[0]["value_loss"] > 0.0
     assert os.path.exists(os.path.join(out, "final", "config.json"))
-    assert os.path.exists(os.path.join(out, "ckpt-1", "meta.pt"))  # the last iteration's checkpoint
+    assert os.path.exists(os.path.join(out, "ckpt-1", "meta.json"))  # the last iteration's checkpoint
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -96,7 +96,7 @@ def test_resume_errors_are_clear(tmp_path):
     bad.mkdir(parents=True)
     (bad / "meta.pt").write_bytes(b"not a checkpoint")
     (bad / ".metadata").write_bytes(b"not a checkpoint either")
-    with pytest.raises(SystemExit, match="corrupt"):
+    with pytest.raises(SystemExit, match=r"no readable checkpoint in .*bad \(tried ckpt-1\)"):
         train.main(train.parse_config(TINY + ["--out", str(tmp_path / "bad"), "--resume"]))
 
 
@@ -119,6 +119,14 @@ def test_resume_errors_are_clear(tmp_path):
     (["--vllm-sleep", "3"], "--vllm-sleep must be one of 0, 1, 2"),
     (["--micro-tokens", "-1"], "--micro-tokens, clip ranges"),
     (["--fsdp"], "--fsdp runs under torchrun"),
+    (["--lr", "-1"], "--lr must be > 0, not -1.0"),
+    (["--critic-lr", "0"], "--critic-lr must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--vf-clip", "0"], "--vf-clip must be > 0"),
+    (["--group-size", "0"], "--group-size must be >= 1"),
+    (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
+    (["--step-clip-low", "1"], "must be < 1"),
+    (["--max-env-errors", "1.5"], "--max-env-errors is a share"),
     (["--save-every", "0"], "--save-every must be >= 1"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
 ])
@@ -540,3 +548,135 @@ def test_credit_map_draws_what_credit_py_computes(tmp_path):
     states[M > 0] = credit.group_index(keys)
     assert close(mat["gigpo"]["mean"], credit.gigpo(R, M, groups, states, g))
     assert close(mat["reinforce_pp_baseline"]["mean"], credit.reinforce_pp_baseline(R, M, groups))
+
+
+# ------------------------------------------------------------------------------------------ faults a long run meets
+FLAKY = '''
+class Flaky:
+    """A plugin env whose step raises on 1 task in 5 (seed % 5 == 0), as a flaky simulator or search service would."""
+    system_prompt = "Reply with <action>WORD</action>."
+    max_steps = 2
+
+    def __init__(self, split="train", always=False):
+        self.always = always
+
+    def _info(self, won=False):
+        return {"task_id": f"flaky-{self.seed}", "won": won, "invalid": not won, "admissible": None,
+                "expert": "<action>red</action>", "prompt": "Say red."}
+
+    def reset(self, seed):
+        self.seed = seed
+        return "Say red.", self._info()
+
+    def step(self, response):
+        if self.always or self.seed % 5 == 0:
+            raise ConnectionError(f"simulator timed out on task {self.seed}")
+        won = "<action>red</action>" in response
+        return ("Right." if won else "Wrong."), float(won), won, self._info(won)
+'''
+
+
+def test_a_crashing_env_ends_its_episode_not_the_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / "flaky_env.py").write_text(FLAKY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen, real = [], train.compute_advantages
+    monkeypatch.setattr(train, "compute_advantages", lambda cfg, trajs, *a: seen.append(trajs) or real(cfg, trajs, *a))
+    out, rows = run(tmp_path, "--env", "flaky_env:Flaky", "--iters", "3", "--envs-per-iter", "8", "--eval-episodes", "5",
+                    "--sft-episodes", "10")
+    err = capsys.readouterr()
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3] and sum(r["env_errors"] for r in rows if "env_errors" in r) > 0
+    assert all(r["eval_env_errors"] == 1 for r in rows if "eval_success_rate" in r)  # eval seed 0 fails: a failure
+    assert seen and all(t.error is None and int(t.task_id.split("-")[1]) % 5 for ts in seen for t in ts)  # none in the loss
+    assert "ConnectionError: simulator timed out" in err.err and "Flaky.step raised on task seed" in err.err
+    assert "warm start: 3 steps on 8 expert episodes" in err.out  # 2 of the 10 demonstrations errored, skipped
+    with pytest.raises(SystemExit, match="episodes ended by an environment error"):  # errors as the rule: a clear stop
+        run(tmp_path, "--env", "flaky_env:Flaky", "--env-kwargs", '{"always": true}', "--sft-steps", "0", name="broken")
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_and_never_unpickles_code(tmp_path, capsys):
+    _, full = run(tmp_path, "--iters", "4", name="full")
+    out, _ = run(tmp_path, "--iters", "3", name="cut")  # keeps ckpt-1 and ckpt-2
+    shard = [f for f in os.listdir(os.path.join(out, "ckpt-2")) if f.endswith(".distcp")][0]
+    truncate(os.path.join(out, "ckpt-2", shard))  # a partial copy, a full disk
+    train.main(train.parse_config(TINY + ["--out", out, "--iters", "4", "--resume"]))
+    err = capsys.readouterr()
+    assert "ckpt-2 is unreadable or corrupt" in err.err and "resumed from" in err.out and "ckpt-1 at iteration 2" in err.out
+    for a, b in zip(full, metric_rows(out)):  # continued from iteration 1's checkpoint, exactly
+        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+    import pickle
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    newest = os.path.join(out, "ckpt-3")
+    os.remove(os.path.join(newest, "meta.json"))
+    with open(os.path.join(newest, "meta.pt"), "wb") as f:
+        pickle.dump(Payload(), f)  # a crafted meta file from a run folder "from elsewhere"
+    train.main(train.parse_config(TINY + ["--out", out, "--iters", "4", "--resume"]))
+    assert "ckpt-3 is unreadable or corrupt (UnpicklingError" in capsys.readouterr().err
+    assert not marker.exists()  # weights_only: the payload never ran
+
+
+def test_a_failed_checkpoint_write_is_reported_and_keeps_the_older_one(tmp_path, monkeypatch, capsys):
+    import scale
+    real = scale.dcp.save
+
+    def full_disk(state, checkpoint_id):
+        if checkpoint_id.endswith("ckpt-1.tmp"):
+            raise OSError(28, "No space left on device")
+        return real(state, checkpoint_id=checkpoint_id)
+    monkeypatch.setattr(scale.dcp, "save", full_disk)
+    out, rows = run(tmp_path, "--iters", "3")
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3]  # the run went on
+    assert "checkpoint of iteration 1 not written (OSError: [Errno 28] No space left on device)" in capsys.readouterr().err
+    assert sorted(d for d in os.listdir(out) if d.startswith("ckpt")) == ["ckpt-0", "ckpt-2"]  # no ckpt-1.tmp left
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "preempted")
+    cmd = [sys.executable, os.path.join(root, "train.py"), *TINY, "--save-every", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--iters", "50", "--out", out], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    start = time.time()
+    while time.time() - start < 120 and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
+                                             and len(metric_rows(out)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    last = metric_rows(out)[-1]["iter"]
+    assert f"stopped by SIGTERM after iteration {last}" in stderr and 1 <= last < 49
+    assert os.path.exists(os.path.join(out, f"ckpt-{last}", "meta.json"))  # written although --save-every is 10
+    n = last + 2
+    r = subprocess.run([*cmd, "--iters", str(n), "--out", out, "--resume"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, full = run(tmp_path, "--iters", str(n), "--save-every", "10", name="uninterrupted")
+    for a, b in zip(full, metric_rows(out)):
+        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+
+
+def test_a_bad_number_fails_in_seconds_with_one_line():
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    start = time.time()
+    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--lr", "-1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["train.py: error: --lr must be > 0, not -1.0"]
+    assert time.time() - start < 30  # before any model, env or data is built (mostly import time)
