@@ -425,11 +425,13 @@ def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_a_constant_
     assert out["explained_var"] > 1 - 1e-5
 
 
-def test_the_critic_starts_from_the_warm_started_policy(tmp_path):
+def test_the_critic_starts_from_the_warm_started_policy(tmp_path, monkeypatch):
     """As the authors start the critic from the actor's model, ours starts from the policy after its warm start
-    (lr 0 keeps both as they were at the start of RL)."""
+    (no update runs, so the checkpoint holds both as they were at the start of RL)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out, _ = run(tmp_path, "--iters", "1", "--lr", "0", "--critic-lr", "0")
+    keys = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref")
+    monkeypatch.setattr(train, "update", lambda *a: {**dict.fromkeys(keys, 0.0), "skipped_updates": 0, "train_tokens": 1})
+    out, _ = run(tmp_path, "--iters", "1")
     dcp_to_torch_save(os.path.join(out, "ckpt-0"), str(tmp_path / "ckpt.pt"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     backbone = {k[len("backbone."):]: v for k, v in ckpt["critic"]["model"].items() if k.startswith("backbone.")}
