@@ -1,7 +1,7 @@
 """Rollout: batched multi-turn collection, token in token out (StepPO, arXiv 2604.18401, Sec. 3 and 5).
 
     model, tok = load_policy("tiny")
-    engine = HFEngine(model, tok)                      # or VLLMEngine(folder, dtype="float32")
+    engine = HFEngine(model, tok)                      # reuse_cache=True; or VLLMEngine(folder, dtype="float32")
     trajs = collect(engine, [envs.make("multihop") for _ in range(16)], tok, seeds=[0, 0, 0, 0, 1, 1, 1, 1, ...],
                     max_steps=8, max_new_tokens=256, temperature=1.0)   # repeated seeds = GRPO/GiGPO groups
 
@@ -98,23 +98,72 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class HFEngine:
-    """Batched sampling with `model.generate` (left padding). Shares `model` with the trainer by default, so
-    `sync` is a no-op; pass a copy to keep a separate inference model, and `sync` loads the trainer's state
-    dict into it (under DDP pass the unwrapped module)."""
+@dataclass
+class KVState:
+    """What HFEngine keeps between calls: the cache and, per row, the columns it covers. ids / mask (B, W): every
+    column fed so far (left padding, the pads generated after a row's EOS and the left padding of each new segment are
+    holes, mask 0); tokens: each row's real tokens (its last prompt + the response it got)."""
+    cache: object  # transformers DynamicCache over W - 1 columns (the last sampled token is never fed)
+    ids: torch.Tensor
+    mask: torch.Tensor
+    tokens: list[list[int]]
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+
+class HFEngine:
+    """Batched sampling with `model.generate` (left padding). Shares `model` with the trainer by default; pass a copy
+    to keep a separate inference model, and `sync` loads the trainer's state dict into it (under DDP pass the
+    unwrapped module).
+
+    reuse_cache=True keeps the KV cache of the previous call: when every prompt of the next call extends a row it holds
+    (with `context="full"`: the previous prompt + its response + the new segment), only the new tokens are prefilled,
+    each at its unpadded position (positions come from the attention mask, whose holes cover padding). Anything else
+    (window prompts, a new batch of episodes) prefills afresh, and so does a row whose holes outgrow its tokens.
+    `sync` drops the cache: after an optimizer step its keys and values belong to the old weights.
+    Why and how much: docs/implementation-details.md (detail 30), docs/benchmarks.md."""
+
+    def __init__(self, model, tokenizer, reuse_cache: bool = True):
+        self.model, self.tokenizer, self.reuse_cache = model, tokenizer, reuse_cache
         self.eos = sorted(eos_ids(tokenizer, model.generation_config))  # what ends a turn
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.max_len = model.config.max_position_embeddings
+        self.kv: KVState | None = None
+        self.prefilled = 0  # tokens prefilled so far (not counting decoding): what the cache saves is visible here
 
     def sync(self, model) -> None:
+        self.kv = None  # always: the shared model may just have taken an optimizer step
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
 
     def sleep(self) -> None:
-        """Nothing to free: the engine is the trainer's model."""
+        """Frees the kept KV cache (the weights are the trainer's); the trainer calls it before every update."""
+        self.kv = None
+
+    def _extend(self, prompts: list[list[int]]):
+        """(cache, ids, mask) for prompts that each extend a kept row, in the kept rows' order (finished episodes
+        dropped); None when any does not, or when holes would outnumber the real tokens of the widest row."""
+        kv, rows, r = self.kv, [], 0
+        if kv is None:
+            return None
+        for p in prompts:
+            while r < len(kv.tokens) and not (len(p) > len(kv.tokens[r]) and p[:len(kv.tokens[r])] == kv.tokens[r]):
+                r += 1
+            if r == len(kv.tokens):
+                return None
+            rows.append(r)
+            r += 1
+        tails = [p[len(kv.tokens[i]):] for p, i in zip(prompts, rows)]
+        T = max(map(len, tails))
+        if kv.ids.shape[1] + T > 2 * max(map(len, prompts)):  # mostly holes: compact by prefilling afresh
+            return None
+        idx = torch.tensor(rows, device=kv.ids.device)
+        if len(rows) < len(kv.tokens):
+            kv.cache.batch_select_indices(idx)
+        new = torch.full((len(rows), T), self.pad, dtype=torch.long, device=kv.ids.device)  # each tail left-padded
+        new_mask = torch.zeros_like(new)
+        for b, tail in enumerate(tails):
+            new[b, T - len(tail):] = torch.tensor(tail, device=new.device)
+            new_mask[b, T - len(tail):] = 1
+        return kv.cache, torch.cat([kv.ids[idx], new], 1), torch.cat([kv.mask[idx], new_mask], 1)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float = 1.0,
@@ -122,13 +171,20 @@ class HFEngine:
         """-> per prompt (sampled ids up to and including EOS, their raw fp32 log-probs). temperature 0 = greedy.
         `seed` makes the call reproducible without touching the caller's global RNG state."""
         from transformers import GenerationConfig
-        B, P = len(prompts), max(len(p) for p in prompts)
-        dev = self.model.device
-        ids = torch.full((B, P), self.pad, dtype=torch.long, device=dev)  # (B, P) left-padded
-        mask = torch.zeros(B, P, dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            ids[b, P - len(p):] = torch.tensor(p, device=dev)
-            mask[b, P - len(p):] = 1
+        B, dev = len(prompts), self.model.device
+        reused = self._extend(prompts) if self.reuse_cache else None
+        if reused is None:  # a fresh prefill: left-padded prompts, an empty cache
+            P = max(len(p) for p in prompts)
+            ids = torch.full((B, P), self.pad, dtype=torch.long, device=dev)  # (B, P) left-padded
+            mask = torch.zeros(B, P, dtype=torch.long, device=dev)
+            for b, p in enumerate(prompts):
+                ids[b, P - len(p):] = torch.tensor(p, device=dev)
+                mask[b, P - len(p):] = 1
+            cache = None  # generate makes one and returns it (return_dict_in_generate)
+        else:
+            cache, ids, mask = reused
+        self.prefilled += int(mask[:, (cache.get_seq_length() if reused else 0):].sum())
+        W = ids.shape[1]
         greedy = temperature == 0
         # every sampling knob set explicitly: unset ones would be filled from the checkpoint's generation_config
         config = GenerationConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
@@ -140,16 +196,21 @@ class HFEngine:
                 torch.manual_seed(seed)
             # synced_gpus=False: transformers turns it on for an FSDP-sharded model (an all-reduce per token, so every
             # process would have to call generate as often); the trainer gathers the weights first (scale.unsharded)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False)
-        new = out.sequences[:, P:]  # (B, T) sampled ids, pad after EOS
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False,
+                                      **({"past_key_values": cache} if cache is not None else {}))
+        new = out.sequences[:, W:]  # (B, T) sampled ids, pad after EOS
         # out.logits: T tensors (B, V) of raw (unprocessed) logits; gather one step at a time to bound memory
         lps = torch.stack([torch.log_softmax(l.float(), -1).gather(1, new[:, t, None]).squeeze(1)
                            for t, l in enumerate(out.logits)], 1)  # (B, T)
-        results = []
+        results, kept = [], torch.zeros_like(new)
         for b in range(B):
             row = new[b].tolist()
             n = next((j + 1 for j, tok in enumerate(row) if tok in self.eos), len(row))
             results.append((row[:n], lps[b, :n].tolist()))
+            kept[b, :n] = 1  # the pads generated after a row's EOS are holes from now on
+        if self.reuse_cache:
+            self.kv = KVState(out.past_key_values, out.sequences, torch.cat([mask, kept], 1),
+                              [p + ids_ for p, (ids_, _) in zip(prompts, results)])
         return results
 
 

@@ -1,11 +1,13 @@
 """rollout.py: token in token out on the HF engine, full/window contexts, cuts, context limits, sync, batching."""
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
 
-from conftest import CountEnv, check_sync, forward_logprobs
+from conftest import ROOT, CountEnv, check_sync, forward_logprobs
+from model import load_policy
 from rollout import HFEngine, collect, eos_ids, first_prompt
 from step_mdp import collate, extends, packable
 
@@ -248,3 +250,75 @@ def test_logprobs_are_the_untempered_policys_at_any_temperature(tiny):
     trajs = collect(HFEngine(model, tok), [CountEnv() for _ in range(3)], tok, [1, 2, 3], max_steps=4,
                     max_new_tokens=8, temperature=0.7, top_p=0.9, seed=0)
     check_tito(model, trajs)
+
+
+# ------------------------------------------------------------------------------------------ cross-turn KV-cache reuse
+WARM = os.path.join(ROOT, "bench", "results", "warm_alfworld_seed0")  # a committed warm start: responses of varied
+# length with early end-of-turn tokens (the random tiny model never emits one)
+
+
+def mixed_pool(seeds):
+    """CountEnv episodes end after 1 + seed % 4 turns whatever is said; multihop's run to max_steps: ragged prompts,
+    episodes ending at different turns, rows dropped from the batch as they end."""
+    import envs
+    return [CountEnv() if i % 2 else envs.make("multihop") for i in range(len(seeds))]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_reuse_plays_the_same_episodes_with_the_same_logprobs(temperature):
+    model, tok = load_policy(WARM)
+    seeds, runs = [0, 1, 2, 3, 5, 6, 7, 8], {}
+    for reuse in (False, True):
+        engine = HFEngine(model, tok, reuse_cache=reuse)
+        runs[reuse] = collect(engine, mixed_pool(seeds), tok, seeds, 4, 12, temperature, seed=0), engine.prefilled
+        check_tito(model, runs[reuse][0])  # every step's log-probs = a plain forward pass (1e-4)
+    (off, prefill_off), (on, prefill_on) = runs[False], runs[True]
+    assert [[s.action_ids for s in t.steps] for t in on] == [[s.action_ids for s in t.steps] for t in off]
+    lengths = [len(s.action_ids) for t in on for s in t.steps]
+    assert min(lengths) < 12 and len(set(lengths)) > 2 and len({len(t.steps) for t in on}) > 2  # the hard cases happened
+    assert prefill_on < prefill_off / 2  # each context token prefilled about once, not once per later turn
+
+
+def test_window_context_and_new_episodes_prefill_afresh(tiny):
+    model, tok = tiny
+    seeds = [1, 2, 3]
+    for context in ("window", "full"):
+        engines = [HFEngine(model, tok, reuse_cache=r) for r in (False, True)]
+        outs = [collect(e, [CountEnv(with_prompt=True) for _ in seeds], tok, seeds, 4, 6, 0.0, context=context, seed=0)
+                for e in engines]
+        assert [[s.action_ids for s in t.steps] for t in outs[0]] == [[s.action_ids for s in t.steps] for t in outs[1]]
+        if context == "window":  # fresh prompts every turn: nothing to reuse
+            assert engines[0].prefilled == engines[1].prefilled
+    prompts = [[s.prompt_ids for s in t.steps][0] for t in outs[1]]
+    before = engines[1].prefilled
+    engines[1].generate(prompts, 4, 0.0)  # a new batch of episodes: their prompts extend no kept row
+    assert engines[1].prefilled - before == sum(map(len, prompts))
+
+
+def test_sync_after_an_optimizer_step_drops_the_cache():
+    """A stale cache would mix the old weights' keys and values into the new policy's log-probs: sync drops it, so
+    generation after an update equals a fresh engine's; skipping the drop shows what it prevents."""
+    from rollout import turn_ids
+    model, tok = load_policy(WARM)
+    prompts = [first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(s)[0]) for s in (1, 2)]
+    engine, stale = HFEngine(model, tok), HFEngine(model, tok)
+    first = engine.generate(prompts, 8, 0.0)
+    stale.generate(prompts, 8, 0.0)
+    nxt = [p + ids + turn_ids(tok, "Count is 1.", ids) for p, (ids, _) in zip(prompts, first)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = -sum(forward_logprobs_grad(model, p, ids).sum() for p, (ids, _) in zip(prompts, first))
+    loss.backward()
+    opt.step()  # the engine shares the model: its weights changed under the cache
+    engine.sync(model)
+    assert engine.kv is None
+    after, fresh = engine.generate(nxt, 8, 0.0), HFEngine(model, tok, reuse_cache=False).generate(nxt, 8, 0.0)
+    assert [ids for ids, _ in after] == [ids for ids, _ in fresh]
+    assert torch.allclose(torch.tensor(after[0][1]), torch.tensor(fresh[0][1]), atol=1e-5)
+    (ids, lps), _ = stale.generate(nxt, 8, 0.0)  # no sync: the old weights' cache
+    assert (forward_logprobs(model, nxt[0], ids) - torch.tensor(lps)).abs().max() > 1e-3
+
+
+def forward_logprobs_grad(model, prompt_ids, action_ids):
+    ids = torch.tensor([prompt_ids + action_ids])
+    lp = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1: -1].float(), -1)
+    return lp.gather(1, torch.tensor(action_ids)[:, None]).squeeze(1)
