@@ -93,3 +93,19 @@ def torchrun_train(flags: list[str], port: int, env: dict | None = None, timeout
 def metric_rows(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def sigterm_after_two_rows(cmd: list[str], out: str, timeout: int = 180) -> tuple[int, str]:
+    """Start `cmd` (a train.py run writing to `out`), send SIGTERM once metrics.jsonl has two rows; (returncode, stderr)."""
+    import signal
+    import time
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    start = time.time()
+    while time.time() - start < timeout and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
+                                                 and len(metric_rows(out)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stderr
+

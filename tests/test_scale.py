@@ -11,7 +11,7 @@ import torch
 
 import scale
 import train
-from conftest import ROOT, forward_logprobs, metric_rows, torchrun_train
+from conftest import ROOT, forward_logprobs, metric_rows, sigterm_after_two_rows, torchrun_train
 from dist_worker import ARGS, MODES, models, synthetic
 from step_mdp import collate, split_rows
 from steppo_loss import step_logprobs
@@ -187,19 +187,10 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_sigterm_under_torchrun_every_process_checkpoints_and_stops(tmp_path):
     """torchrun forwards SIGTERM to both processes; they agree after the iteration in progress, write one sharded
     checkpoint together and stop; --resume under torchrun continues exactly."""
-    import signal
-    import time
     out, flags = str(tmp_path / "preempted"), [*TINY, "--save-every", "10"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            os.path.join(ROOT, "train.py"), *flags, "--iters", "40", "--out", out]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    start = time.time()
-    while time.time() - start < 180 and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
-                                             and len(metric_rows(out)) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=180)
+    _, stderr = sigterm_after_two_rows(cmd, out)
     last = metric_rows(out)[-1]["iter"]
     assert f"stopped by SIGTERM after iteration {last}" in stderr, stderr[-3000:]
     assert sorted(f for f in os.listdir(os.path.join(out, f"ckpt-{last}")) if f.endswith(".distcp")) == \

@@ -645,20 +645,13 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
+    from conftest import sigterm_after_two_rows
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "preempted")
     cmd = [sys.executable, os.path.join(root, "train.py"), *TINY, "--save-every", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*cmd, "--iters", "50", "--out", out], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    start = time.time()
-    while time.time() - start < 120 and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
-                                             and len(metric_rows(out)) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stderr = sigterm_after_two_rows([*cmd, "--iters", "50", "--out", out], out)
+    assert returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
     last = metric_rows(out)[-1]["iter"]
     assert f"stopped by SIGTERM after iteration {last}" in stderr and 1 <= last < 49
     assert os.path.exists(os.path.join(out, f"ckpt-{last}", "meta.json"))  # written although --save-every is 10
