@@ -98,7 +98,6 @@ class Config:
     save_every: int = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
     max_env_errors: float = 0.5  # stop when more than this share of an iteration's episodes end by an env exception
 
-
     def __post_init__(self):  # --loss not given: the loss the estimator pairs with (its ESTIMATORS entry)
         if not self.loss and self.estimator in ESTIMATORS:
             self.loss = ESTIMATORS[self.estimator].loss
