@@ -344,13 +344,19 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
     return out
 
 
+def report_env_errors(trajs, what: str, outcome: str) -> list:
+    """The trajectories whose env raised; the first one's traceback (env class, task seed) goes to stderr."""
+    errored = [t for t in trajs if t.error]
+    if errored:
+        tqdm.write(f"{what}: {len(errored)} of {len(trajs)} episodes ended by an environment error, {outcome}; the first: "
+                   f"{errored[0].error}", file=sys.stderr)
+    return errored
+
+
 def finished_only(trajs, cfg, device, what: str):
     """The episodes whose env did not raise, and how many did (all processes). The first traceback goes to stderr;
     every process stops together when errors are the rule: over --max-env-errors of the episodes, or none left here."""
-    errored = [t for t in trajs if t.error]
-    if errored:
-        tqdm.write(f"{what}: {len(errored)} of {len(trajs)} episodes ended by an environment error, left out; the first: "
-                   f"{errored[0].error}", file=sys.stderr)
+    errored = report_env_errors(trajs, what, "left out")
     kept = [t for t in trajs if not t.error]
     n_err, n, none_left = all_sum([len(errored), len(trajs), float(not kept)], device)
     if n_err > cfg.max_env_errors * n or none_left:
@@ -427,10 +433,7 @@ def run(cfg: Config, preempted):
 
     def evaluate(engine) -> dict:  # an episode ended by an env error counts as a failure, and is counted
         trajs = rollouts(engine, eval_envs, list(range(rank, cfg.eval_episodes, world)), 0.0, cfg.seed)  # split by rank
-        errored = [t for t in trajs if t.error]
-        if errored:
-            tqdm.write(f"evaluation: {len(errored)} episodes ended by an environment error (counted as failures); the "
-                       f"first: {errored[0].error}", file=sys.stderr)
+        errored = report_env_errors(trajs, "evaluation", "counted as failures")
         won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
         return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {})}
 
