@@ -272,3 +272,10 @@ ESTIMATORS = {  # adding an estimator = its function above + one entry here (tra
         lambda x: (reinforce_pp_baseline(x.rewards, x.step_mask, x.groups, x.all_sum), None),
         "", True, "token", "always", "REINFORCE++-baseline: score - group mean, whitened over steps"),
 }
+
+
+def estimator_table() -> str:
+    """The table, as train.py --help prints it."""
+    rows = [f"  {n:<22} critic: {e.critic or '-':<6} grouped: {'yes' if e.grouped else 'no ':<4} loss: {e.loss:<6} "
+            f"whitening: {e.whitening:<9} {e.about}" for n, e in ESTIMATORS.items()]
+    return "\nestimators (--estimator; docs/method.md):\n" + "\n".join(rows) + "\n"

@@ -33,6 +33,7 @@ import traceback
 import torch
 from tqdm import tqdm
 
+from scale import all_sum
 from step_mdp import Step, Trajectory
 
 PLACEHOLDER = "<<steppo-action>>"  # stands for the response when rendering the chat template around it
@@ -410,3 +411,56 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                                     next_prompt_ids=None if e.done else e.prompt, error=e.error) for e in episodes]
     bar.close()
     return trajectories
+
+
+# ---------------------------------------------------------------- what the trainer reads from a batch of rollouts
+def report_env_errors(trajs, what: str, outcome: str) -> list:
+    """The trajectories whose env raised; the first one's traceback (env class, task seed) goes to stderr."""
+    errored = [t for t in trajs if t.error]
+    if errored:
+        tqdm.write(f"{what}: {len(errored)} of {len(trajs)} episodes ended by an environment error, {outcome}; the first: "
+                   f"{errored[0].error}", file=sys.stderr)
+    return errored
+
+
+def finished_only(trajs, max_env_errors: float, device, what: str):
+    """The episodes whose env did not raise, and how many did (all processes). The first traceback goes to stderr;
+    every process stops together when errors are the rule: over max_env_errors (a share) of the episodes, or none
+    left here."""
+    errored = report_env_errors(trajs, what, "left out")
+    kept = [t for t in trajs if not t.error]
+    n_err, n, none_left = all_sum([len(errored), len(trajs), float(not kept)], device)
+    if n_err > max_env_errors * n or none_left:
+        raise SystemExit(f"error: {what}: {n_err:.0f} of {n:.0f} episodes ended by an environment error (more than "
+                         f"--max-env-errors {max_env_errors}, or a process has none left): the env is broken")
+    return kept, int(n_err)
+
+
+def rollout_stats(trajs, device) -> dict:
+    """Success, return, steps, invalid actions, and the share of task groups with a win and a loss (all processes)."""
+    steps, groups = [s for t in trajs for s in t.steps], {}
+    for t in trajs:
+        groups.setdefault(t.task_id, set()).add(t.success)
+    won, ret, n_steps, invalid, n, mixed, n_groups = all_sum(
+        [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), len(steps),
+         sum(bool(s.info.get("invalid")) for s in steps), len(trajs), sum(len(g) == 2 for g in groups.values()),
+         len(groups)], device)
+    return dict(success_rate=won / n, mean_return=ret / n, mean_steps=n_steps / n, invalid_rate=invalid / n_steps,
+                mixed_groups=mixed / max(n_groups, 1), **score_stats(trajs, device))
+
+
+def score_stats(trajs, device, key="score") -> dict:
+    """{key: the mean of the episodes' last info["score"]} (all processes) where the env reports a score (WebShop:
+    100 x the official reward); {} where it does not."""
+    scores = [t.steps[-1].info["score"] for t in trajs if t.steps and "score" in t.steps[-1].info]
+    total, n = all_sum([sum(scores), len(scores)], device)
+    return {key: total / n} if n else {}
+
+
+def eval_stats(trajs, device) -> dict:
+    """eval_success_rate, eval_score (where the env reports a score) and eval_env_errors (where any) of greedy
+    evaluation episodes (all processes): an episode ended by an env error is a failure, and is counted."""
+    errored = report_env_errors(trajs, "evaluation", "counted as failures")
+    won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
+    return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {}),
+            **score_stats(trajs, device, "eval_score")}

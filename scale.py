@@ -11,9 +11,11 @@ Memory arithmetic and the commands for 1.5B / 7B models on 8 x 80 GB: docs/scali
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -74,7 +76,7 @@ def even(items: list, device) -> list[tuple]:
 
 def parse_dataclass(cls, description: str, check, argv=None):
     """A command line generated from dataclass `cls`: one flag per field, its comment as the help, its default shown.
-    check(instance) -> why it cannot run, or None; a reason exits with code 2 and one line on stderr, before any work."""
+    A float that is not finite, or check(instance) -> why it cannot run (or None): a reason exits with code 2 and one line on stderr, before any work."""
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
@@ -86,7 +88,9 @@ def parse_dataclass(cls, description: str, check, argv=None):
         else:
             p.add_argument(flag, type=f.type, default=f.default, help=doc)
     cfg = cls(**vars(p.parse_args(argv)))
-    error = check(cfg)
+    nonfinite = [f for f in dataclasses.fields(cls) if f.type is float and not math.isfinite(getattr(cfg, f.name))]
+    error = (f"--{nonfinite[0].name.replace('_', '-')} must be a finite number, not {getattr(cfg, nonfinite[0].name)}"
+             if nonfinite else check(cfg))  # nan and inf are never a setting; then what `check` says
     if error:  # one line, without the usage block (what to change is in the line)
         p.exit(2, f"{p.prog}: error: {error}\n")
     return cfg
@@ -124,6 +128,28 @@ def prepare(model, cfg, device, train=True):
     if dtype != torch.float32:  # every forward (the losses', generate's) under autocast; backward outside it
         model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     return DDP(model) if train and dist.is_initialized() else model
+
+
+def load_models(cfg, device, with_critic):
+    """(policy, policy_ddp, critic, critic_ddp, ref, tokenizer) of --model / --critic-model, placed by --dtype and
+    --fsdp (`prepare`). policy, critic: the modules (their weights, optimisers and checkpoints); *_ddp: what the
+    losses call (the DDP wrapper, or the FSDP2 module itself). ref: the KL anchor, a frozen copy of the policy in
+    --dtype whose weights the caller sets after the warm start (None when --kl-coef is 0); critic None without one."""
+    from model import load_critic, load_policy
+    try:
+        policy, tok = load_policy(cfg.model)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --model {cfg.model!r}: {e}")
+    critic = load_critic(cfg.critic_model or cfg.model) if with_critic else None
+    if critic is not None and critic.backbone.config.vocab_size < len(tok):
+        raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic.backbone.config.vocab_size} ids, "
+                         f"the policy's tokenizer has {len(tok)}")
+    ref = copy.deepcopy(policy).to(DTYPES[cfg.dtype]) if cfg.kl_coef > 0 else None
+    policy_ddp = prepare(policy, cfg, device)
+    critic_ddp = prepare(critic, cfg, device) if critic is not None else None
+    if ref is not None:
+        ref = prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
+    return policy, policy_ddp, critic, critic_ddp, ref, tok
 
 
 def sharded(model) -> bool:
@@ -191,6 +217,16 @@ def make_engine(cfg, policy, tok, rank, device):
     if cfg.dtype == "bf16":
         kw["dtype"] = "bfloat16"
     return VLLMEngine(path, seed=cfg.seed + rank, sleep_level=cfg.vllm_sleep, load_format="dummy", **kw)
+
+
+def shutdown(engine):
+    """The vLLM engine, then the process group; every process together."""
+    from rollout import VLLMEngine
+    if isinstance(engine, VLLMEngine):
+        engine.close()  # vLLM tears down the process groups it made inside ours: before ours goes
+    if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing gloo down while another still works can hang in its destructor
+        dist.destroy_process_group()
 
 
 def save_pretrained(model, tok, path):

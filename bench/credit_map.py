@@ -57,15 +57,17 @@ def play_group(cfg, policy, tok, task, split, size):
     return greedy + sampled
 
 
-def credit_matrices(cfg, trajs, critic, pad_id):
+def credit_matrices(cfg, trajs, policy, critic, pad_id):
     """Per estimator: the advantage each step's tokens get (N, T), and for token_gae the min and max over the step's
-    tokens; the critic's V(s_t) (N, T); the step mask (N, T). All through train.compute_advantages, i.e. credit.py's functions."""
+    tokens; the critic's V(s_t) (N, T); the step mask (N, T). All through train.no_grad_pass and train.compute_advantages,
+    i.e. credit.py's functions."""
     import train
     dev = torch.device("cpu")
     out = {}
     for name in ESTIMATORS_SHOWN:
         c = dataclasses.replace(cfg, estimator=name, loss="")
-        adv = train.compute_advantages(c, trajs, critic if train.ESTIMATORS[name].critic else None, pad_id, dev)
+        fwd = train.no_grad_pass(c, policy, critic if train.ESTIMATORS[name].critic else None, None, trajs, pad_id, dev)
+        adv = train.compute_advantages(c, trajs, fwd, dev)  # V(s_t) from the same no-grad pass as in training
         out[name] = {"mean": adv["adv_step"]}
         if name == "token_gae":  # the spread of the per-token advantages inside each step
             tok, mask = adv["adv_tok"], torch.zeros_like(adv["adv_tok"])
@@ -159,7 +161,7 @@ def main(argv=None):
             break
     else:
         task, trajs = candidates[0], play_group(cfg, policy, tok, candidates[0], args.split, size)
-    matrices = credit_matrices(cfg, trajs, critic, pad_id(tok))
+    matrices = credit_matrices(cfg, trajs, policy, critic, pad_id(tok))
     png = args.out or os.path.join(args.run_dir, "credit_map.png")
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     critic_note = f"critic from {os.path.basename(ckpt)}" if critic is not None else "no critic in this run: V = 0"

@@ -1,7 +1,7 @@
 """Does train.py fit at a real model's size? A random-initialised model of the shape of Qwen2.5-1.5B-Instruct (or
 7B; nothing is downloaded), a critic and a reference of the same shape, and `--iters` iterations of train.py's own
-machinery per setting: HF-engine rollout (window context, every step a fresh prompt), compute_advantages,
-old_and_ref_logprobs, update (Adam, two steps so its states exist), the weight export a vLLM sync streams.
+machinery per setting: HF-engine rollout (window context, every step a fresh prompt), no_grad_pass,
+compute_advantages, update (Adam, two steps so its states exist), the weight export a vLLM sync streams.
 
     torchrun --standalone --nproc_per_node 1 ...   # what each setting runs under (one fresh process per setting)
     python bench/gpu_smoke.py --size 1.5b          # one CUDA GPU (nccl): bench/results/gpu_smoke_1.5b.json, rewritten
@@ -13,7 +13,7 @@ old_and_ref_logprobs, update (Adam, two steps so its states exist), the weight e
 JSON: {"machine", "size", "model" (the config), "workload", "iters", "nproc", "settings": [{"setting", "flags",
 "status": ok | oom | error | crashed, "phase" (where it stopped), "error", "world", "device", "params",
 "peak_gib" (CUDA: max_memory_allocated within each phase, and "max"; CPU: the process's peak resident set so far
-at the end of each phase, so only "max" compares settings), "seconds" (per iteration: rollout, credit, logprobs,
+at the end of each phase, so only "max" compares settings), "seconds" (per iteration: rollout, forward, credit,
 update, sync), "gen_tokens_per_s", "train_tokens_per_s" (per iteration), "skipped_updates"}]}.
 With one process FSDP shards nothing: its numbers show the layout's overheads, not 8-way sharding (docs/scaling.md
 has the arithmetic for 8 GPUs).
@@ -128,11 +128,11 @@ def child(args):
             phase = "rollout"
             trajs = rollout(engine, policy, w, it)
             sec[phase], t = mark(phase) - t, time.time()
-            phase = "credit"
-            adv = train.compute_advantages(cfg, trajs, critic, pad, device)
+            phase = "forward"
+            lps = train.no_grad_pass(cfg, policy, critic, ref, trajs, pad, device)
             sec[phase], t = mark(phase) - t, time.time()
-            phase = "logprobs"
-            lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs, pad, device)
+            phase = "credit"
+            adv = train.compute_advantages(cfg, trajs, lps, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "update"
             st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())

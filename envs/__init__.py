@@ -38,6 +38,7 @@ from `PYTHONPATH` (`PYTHONPATH=/path/to/dir python train.py --env my_module:MyEn
 """
 import importlib
 import inspect
+import json
 
 REGISTRY = {
     "alfworld": "envs.alfworld:AlfWorldEnv",
@@ -87,3 +88,19 @@ def make(name, **kwargs):
                          % (name, ", ".join(sorted(REGISTRY))))
     check_arguments(env_cls, kwargs)
     return env_cls(**kwargs)
+
+
+def check(name, kwargs_json: str, splits: list) -> str | None:
+    """Why `train.py --env name --env-kwargs kwargs_json` cannot run, in one line, or None. Builds the env once per
+    split (in the order given: the same error every time): an unknown name, a broken plugin, missing data."""
+    try:
+        kwargs = json.loads(kwargs_json)
+        assert isinstance(kwargs, dict)
+    except (ValueError, AssertionError):
+        return f"--env-kwargs must be a JSON object, not {kwargs_json!r}"
+    try:
+        for split in dict.fromkeys(splits):
+            make(name, split=split, **kwargs)
+    except Exception as e:
+        return f"--env {name!r}: {e}"
+    return None

@@ -59,8 +59,8 @@ def main(out, extra):
         ref = scale.prepare(ref, cfg, device, train=False)
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=cfg.lr), torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr)
         trajs, pad = synthetic(rank), tok.pad_token_id
-        adv = train.compute_advantages(cfg, trajs, critic, pad, device)
-        lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs, pad, device)
+        lps = train.no_grad_pass(cfg, policy, critic, ref, trajs, pad, device)
+        adv = train.compute_advantages(cfg, trajs, lps, device)
         st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())
         from step_mdp import collate, split_rows
         n_micro = len(split_rows(collate(trajs, pad, pack=cfg.pack), cfg.micro_tokens))

@@ -18,7 +18,7 @@ from steppo_loss import step_logprobs
 
 TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
         "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
-TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "credit_s", "logprob_s", "update_s"}
+TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s"}
 CPU = torch.device("cpu")
 
 
@@ -65,8 +65,8 @@ def _update(flags, trajs, micro_tokens):
     """One update of fresh tiny models with SGD; returns (stats, policy weights, critic weights, adv, lps)."""
     cfg = train.parse_config(ARGS + flags + ["--micro-tokens", str(micro_tokens)])
     policy, critic, ref, tok = models()
-    adv = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, CPU)
-    lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs, tok.pad_token_id, CPU)
+    lps = train.no_grad_pass(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
+    adv = train.compute_advantages(cfg, trajs, lps, CPU)
     opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
     st = train.update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, tok.pad_token_id, CPU, torch.Generator())
     return st, policy.state_dict(), critic.state_dict(), adv, lps
@@ -122,14 +122,16 @@ def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
         assert got[0]["n_micro"] != got[1]["n_micro"]  # one process ran zero-weight micro-batches
         cfg = train.parse_config(ARGS + [f for f in flags if f != "--fsdp"] + ["--micro-tokens", "0", "--max-grad-norm", "1e9"])
         policy, critic, ref, tok = models()  # whitening over both processes' steps = over all of them in one place
-        adv = train.compute_advantages(cfg, trajs[0] + trajs[1], critic, tok.pad_token_id, CPU)["adv_step"]
+        both = trajs[0] + trajs[1]
+        adv = train.compute_advantages(cfg, both, train.no_grad_pass(cfg, policy, critic, ref, both, tok.pad_token_id, CPU),
+                                       CPU)["adv_step"]
         for r, rows in ((0, slice(0, len(trajs[0]))), (1, slice(len(trajs[0]), None))):
             mine = got[r]["adv"]["adv_step"]
             assert torch.allclose(mine, adv[rows, :mine.shape[1]], atol=1e-5)
         step = {}  # each process's unclipped SGD step, in one process, from the same advantages
         for r in (0, 1):
             policy, critic, ref, tok = models()
-            lps = train.old_and_ref_logprobs(cfg, policy, ref, trajs[r], tok.pad_token_id, CPU)
+            lps = train.no_grad_pass(cfg, policy, critic, ref, trajs[r], tok.pad_token_id, CPU)
             assert torch.allclose(lps["old_lp"], got[r]["lps"]["old_lp"], atol=1e-5)
             opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
             train.update(cfg, policy, critic, opt_p, opt_c, trajs[r], got[r]["adv"], lps, tok.pad_token_id, CPU,
@@ -293,6 +295,6 @@ def test_gpu_smoke_runs_every_setting_at_toy_size_on_cpu(tmp_path):
                                                           "fsdp-bf16-ckpt-micro"]
     for s in report["settings"]:
         assert s["status"] == "ok", (s["setting"], s["error"])
-        assert len(s["seconds"]) == 2 and set(s["seconds"][0]) == {"rollout", "credit", "logprobs", "update", "sync"}
+        assert len(s["seconds"]) == 2 and set(s["seconds"][0]) == {"rollout", "forward", "credit", "update", "sync"}
         assert s["peak_gib"]["max"] > 0 and min(s["gen_tokens_per_s"]) > 0 and min(s["train_tokens_per_s"]) > 0
         assert s["skipped_updates"] == 0

@@ -15,7 +15,7 @@ from conftest import metric_rows, torchrun_train
 
 TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
         "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
-TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "credit_s", "logprob_s", "update_s"}
+TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s"}
 
 
 def run(tmp_path, *flags, name="run"):
@@ -79,9 +79,8 @@ def test_iters_zero_is_a_warm_start_other_runs_can_share(tmp_path):
 
 def test_demonstrations_stop_at_max_steps(tmp_path, monkeypatch):
     """--max-steps limits every episode, the expert's demonstrations too (ALFWorld's own limit is 30 turns)."""
-    import rollout
-    seen, real = [], rollout.collect
-    monkeypatch.setattr(rollout, "collect", lambda *a, **k: seen.append((a[4], k["expert"])) or real(*a, **k))
+    seen, real = [], train.collect
+    monkeypatch.setattr(train, "collect", lambda *a, **k: seen.append((a[4], k["expert"])) or real(*a, **k))
     run(tmp_path, "--env", "alfworld", "--iters", "0", "--max-steps", "2")
     assert sorted(seen) == [(2, False), (2, True)]  # the demonstrations, then the evaluation
 
@@ -184,7 +183,8 @@ def test_compute_advantages_calls_exactly_the_table_entry():
         cfg = train.Config(estimator=name, whiten=True)
         with pytest.MonkeyPatch.context() as mp:
             mp.setitem(train.ESTIMATORS, name, credit.Estimator(fake, "", est.grouped, est.loss, est.whitening, ""))
-            adv = train.compute_advantages(cfg, trajs, None, tok.pad_token_id, torch.device("cpu"))
+            fwd = train.no_grad_pass(cfg, model, None, None, trajs, tok.pad_token_id, torch.device("cpu"))
+            adv = train.compute_advantages(cfg, trajs, fwd, torch.device("cpu"))
         T = adv["adv_step"].shape[1]
         real = adv["adv_step"][torch.tensor([[t < len(tr.steps) for t in range(T)] for tr in trajs])]
         if est.whitening == "--whiten":  # a constant whitens to 0
@@ -314,8 +314,8 @@ def one_update(tiny, critic, flags=()):
                     max_new_tokens=4, temperature=1.0, seed=0)
     cfg = train.parse_config(["--envs-per-iter", "4", "--group-size", "2", "--minibatch-size", "4", *flags])
     dev = torch.device("cpu")
-    adv = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, dev)
-    lps = train.old_and_ref_logprobs(cfg, model, None, trajs, tok.pad_token_id, dev)
+    lps = train.no_grad_pass(cfg, model, critic, None, trajs, tok.pad_token_id, dev)
+    adv = train.compute_advantages(cfg, trajs, lps, dev)
     opt_p = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-3) if critic is not None else None
     return trajs, train.update(cfg, model, critic, opt_p, opt_c, trajs, adv, lps, tok.pad_token_id, dev,
@@ -339,7 +339,7 @@ def test_the_step_critic_is_trained_at_step_boundaries_only(tiny):
 
         def forward(self, input_ids, attention_mask=None):
             v = super().forward(input_ids, attention_mask) + self.bias
-            if v.requires_grad:  # the update's forward, not compute_advantages' no-grad one
+            if v.requires_grad:  # the update's forward, not no_grad_pass's
                 v.register_hook(lambda grad: self.seen.append((input_ids, grad)))
             return v
     critic = Recording()
@@ -360,7 +360,8 @@ def test_bootstrap_reads_the_next_state_at_its_step_boundary(tiny):
     critic = FixedCritic()
     for bootstrap, gamma in ((False, 0.9), (True, 0.9), (True, 1.0)):
         cfg = train.parse_config(["--gamma", str(gamma), "--lam", "1", *(["--bootstrap"] if bootstrap else [])])
-        out = train.compute_advantages(cfg, trajs, critic, tok.pad_token_id, torch.device("cpu"))
+        out = train.compute_advantages(cfg, trajs, train.no_grad_pass(cfg, model, critic, None, trajs, tok.pad_token_id,
+                                                                      torch.device("cpu")), torch.device("cpu"))
         nxt = sum(trajs[0].next_prompt_ids) / 1000  # V(s_2): the critic at the last token of the next prompt
         want = gamma * nxt if bootstrap else 0.0  # reward 0 on a cut CountEnv episode
         assert abs(out["ret_step"][0, 1].item() - want) < 1e-5
@@ -377,18 +378,68 @@ def test_old_logprobs_are_the_trainers_and_engine_kl_measures_the_gap(tiny):
     trajs = collect(HFEngine(model, tok), [CountEnv()], tok, [2], max_steps=3, max_new_tokens=5, temperature=1.0, seed=1)
     cfg = train.parse_config(["--minibatch-size", "1"])
     dev = torch.device("cpu")
-    lps = train.old_and_ref_logprobs(cfg, model, None, trajs, tok.pad_token_id, dev)
+    lps = train.no_grad_pass(cfg, model, None, None, trajs, tok.pad_token_id, dev)
     assert lps["engine_kl"] < 1e-6 and lps["ref_lp"] is None
     shifted = copy.deepcopy(trajs)
     for s in shifted[0].steps:
         s.engine_logprobs = [x + 0.1 for x in s.engine_logprobs]  # an engine 0.1 nats more confident on every sampled token
-    lps2 = train.old_and_ref_logprobs(cfg, model, model, shifted, tok.pad_token_id, dev)
+    lps2 = train.no_grad_pass(cfg, model, None, model, shifted, tok.pad_token_id, dev)
     assert abs(lps2["engine_kl"] - (math.exp(-0.1) - 1 + 0.1)) < 1e-5  # k3 of d = trainer - engine = -0.1
     for t, s in enumerate(trajs[0].steps):
         want = forward_logprobs(model, s.prompt_ids, s.action_ids)
         n = len(s.action_ids)
         assert torch.allclose(lps2["old_lp"][0, t, :n], want, atol=1e-5)  # the trainer's, not the shifted engine's
         assert torch.equal(lps2["ref_lp"][0, t, :n], lps2["old_lp"][0, t, :n])
+
+
+@pytest.mark.parametrize("flags", [[], ["--micro-tokens", "40", "--minibatch-size", "3"], ["--no-pack", "--context", "window"]])
+def test_no_grad_pass_is_one_forward_per_model_and_equals_a_step_by_step_loop(tiny, flags):
+    """no_grad_pass (item 3 of issue 28): per micro-batch exactly one forward of the policy, the reference and the
+    critic over the same rows, and every number equal to the obviously-correct loop: each step's prompt + action
+    forwarded alone (pi_old, reference), the critic read at the step's last prompt token (V(s_t)) and before each
+    action token (token_gae), and at the end of a cut episode's next state (--bootstrap)."""
+    import copy
+    from conftest import CountEnv, forward_logprobs
+    from model import load_critic
+    from rollout import HFEngine, collect
+    from step_mdp import collate, split_rows
+    model, tok = tiny
+    cfg = train.parse_config(["--bootstrap", "--minibatch-size", "2", *flags])
+    trajs = collect(HFEngine(model, tok), [CountEnv(with_prompt=True) for _ in range(5)], tok, [3, 1, 2, 4, 0], max_steps=3,
+                    max_new_tokens=5, temperature=1.0, context=cfg.context, seed=2)  # cut and terminated episodes
+    assert {t.terminated for t in trajs} == {True, False}
+    torch.manual_seed(0)
+    critic, ref = load_critic("tiny"), copy.deepcopy(model)
+    critic.head.weight.data.normal_(0, 0.5)  # not the zero head it starts with: values that differ per context
+    for p in ref.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    calls = {"policy": 0, "ref": 0, "critic": 0}
+    hooks = [m.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, m in (("policy", model), ("ref", ref), ("critic", critic))]
+    try:
+        fwd = train.no_grad_pass(cfg, model, critic, ref, trajs, tok.pad_token_id, torch.device("cpu"))
+    finally:
+        for h in hooks:
+            h.remove()
+    mb = cfg.minibatch_size
+    n_micro = sum(len(split_rows(collate(trajs[i:i + mb], tok.pad_token_id, pack=cfg.pack), cfg.micro_tokens))
+                  for i in range(0, len(trajs), mb))
+    n_boot = -(-sum(not t.terminated for t in trajs) // mb)  # the cut episodes' next states, a minibatch per forward
+    assert calls == {"policy": n_micro, "ref": n_micro, "critic": n_micro + n_boot}
+
+    def value(ids):  # V(tokens <= j) for every j of one context, alone in its batch
+        with torch.no_grad():
+            return critic(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+    for i, tr in enumerate(trajs):
+        for t, s in enumerate(tr.steps):
+            n, v = len(s.action_ids), value(s.prompt_ids + s.action_ids)
+            assert torch.allclose(fwd["old_lp"][i, t, :n], forward_logprobs(model, s.prompt_ids, s.action_ids), atol=1e-5)
+            assert torch.allclose(fwd["ref_lp"][i, t, :n], forward_logprobs(ref, s.prompt_ids, s.action_ids), atol=1e-5)
+            assert abs(fwd["v_step"][i, t] - v[len(s.prompt_ids) - 1]) < 1e-5
+            assert torch.allclose(fwd["v_tok"][i, t, :n], v[len(s.prompt_ids) - 1: -1], atol=1e-5)
+            assert torch.all(fwd["old_lp"][i, t, n:] == 0)
+        want = 0.0 if tr.terminated else value(tr.next_prompt_ids)[-1].item()
+        assert abs(fwd["boot"][i].item() - want) < 1e-5
 
 
 @pytest.mark.parametrize("flags", [["--tis-cap", "2"], ["--loss", "token", "--estimator", "token_gae", "--tis-cap", "2",
@@ -409,7 +460,8 @@ def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_a_constant_
     class Constant(FixedCritic):
         def forward(self, input_ids, attention_mask=None):
             return torch.full(input_ids.shape, 0.3)
-    out = train.compute_advantages(cfg, trajs, Constant(), tok.pad_token_id, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    out = train.compute_advantages(cfg, trajs, train.no_grad_pass(cfg, model, Constant(), None, trajs, tok.pad_token_id, cpu), cpu)
     assert abs(out["explained_var"]) < 1e-5  # V = const explains none of the returns' variance
 
     class Perfect(FixedCritic):  # V(s_t) = 0.5^(steps left - 1): the true return of every state of CountEnv
@@ -421,7 +473,7 @@ def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_a_constant_
                         if row[:len(s.prompt_ids)] == s.prompt_ids:
                             v[b, len(s.prompt_ids) - 1] = 0.5 ** (len(tr.steps) - 1 - t)
             return v
-    out = train.compute_advantages(cfg, trajs, Perfect(), tok.pad_token_id, torch.device("cpu"))
+    out = train.compute_advantages(cfg, trajs, train.no_grad_pass(cfg, model, Perfect(), None, trajs, tok.pad_token_id, cpu), cpu)
     assert out["explained_var"] > 1 - 1e-5
 
 
