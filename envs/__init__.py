@@ -1,7 +1,7 @@
 """Environments for StepPO: `envs.make(name, **kwargs)` and the protocol every env follows (docs/envs.md,
 docs/extending.md for a complete plugin).
 
-    env = envs.make("alfworld", split="train")      # or "multihop", "hotpotqa", or "my_pkg.my_mod:MyEnv"
+    env = envs.make("alfworld", split="train")      # or "multihop", "hotpotqa", "webshop", "my_pkg.my_mod:MyEnv"
     obs, info = env.reset(seed)                      # same seed -> same task (same info["task_id"])
     obs, reward, done, info = env.step(response)     # response: the model's raw text for the turn
 
@@ -32,6 +32,8 @@ The protocol, complete (what train.py and rollout.py call and read, nothing else
   and may have:
     truncated  bool, True when the env's own step limit ended the episode: a cut, not a terminal state (rollout.py
                then keeps the next state, for --bootstrap)
+    score      float, a graded outcome of the episode, read from its last step and logged as `score` / `eval_score`
+               (WebShop: 100 x the official reward)
 
 A plugin is found like any Python module: `--env my_module:MyEnv` imports `my_module` from the working directory,
 from `PYTHONPATH` (`PYTHONPATH=/path/to/dir python train.py --env my_module:MyEnv`) or from an installed package.
@@ -44,6 +46,7 @@ REGISTRY = {
     "alfworld": "envs.alfworld:AlfWorldEnv",
     "multihop": "envs.multihop:MultiHopEnv",
     "hotpotqa": "envs.hotpotqa:HotpotQAEnv",
+    "webshop": "envs.webshop:WebShopEnv",
 }
 
 

@@ -226,14 +226,19 @@ def jsonl_passages(path):
     return out
 
 
-def build_corpus_index(folder, passages):
-    """Index passages [{"title", "text"}] and save index + passages to `folder`: a temp folder, then a rename."""
+def title_and_text(passage):
+    """What a passage's BM25 document is: "title: text"."""
+    return "%s: %s" % (passage["title"], passage["text"])
+
+
+def build_corpus_index(folder, passages, doc_text=title_and_text):
+    """Index passages (dicts; doc_text(passage) is what is indexed, "title: text" by default) and save index +
+    passages to `folder`: a temp folder, then a rename."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(folder) + ".tmp")
     try:
-        bm25_index(["%s: %s" % (p["title"], p["text"]) for p in passages]).save(tmp, corpus=passages,
-                                                                                show_progress=False)
+        bm25_index([doc_text(p) for p in passages]).save(tmp, corpus=passages, show_progress=False)
         lines = os.path.join(tmp, "corpus.jsonl")  # + its line offsets, so loading never scans it
         corpus = _bm25s().utils.corpus
         corpus.save_mmindex(corpus.find_newline_positions(lines, show_progress=False), lines)
@@ -245,16 +250,17 @@ def build_corpus_index(folder, passages):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def corpus_index(sources, read_passages, cache_dir):
-    """The cached BM25 index over the passages from `sources` (files), built on first use; corpus memory-mapped."""
-    key = hashlib.sha1(json.dumps([INDEX_VERSION, _bm25s().__version__, [_stamp(p) for p in sources]]).encode())
+def corpus_index(sources, read_passages, cache_dir, doc_text=title_and_text, kind="passages"):
+    """The cached BM25 index over the passages from `sources` (files), built on first use; corpus memory-mapped.
+    `kind` names what doc_text makes of a passage (part of the cache key, with the sources' path, size, mtime)."""
+    key = hashlib.sha1(json.dumps([INDEX_VERSION, kind, _bm25s().__version__, [_stamp(p) for p in sources]]).encode())
     folder = os.path.join(cache_dir, "bm25-" + key.hexdigest()[:16])
     if folder not in _INDEXES:
         os.makedirs(cache_dir, exist_ok=True)
         with open(folder + ".lock", "w") as lock:  # one builder at a time (e.g. torchrun's processes); others wait
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.isdir(folder):
-                build_corpus_index(folder, read_passages())
+                build_corpus_index(folder, read_passages(), doc_text)
         _INDEXES[folder] = _bm25s().BM25.load(folder, load_corpus=True, mmap=True, show_progress=False, verbosity=0)
     return _INDEXES[folder]
 
