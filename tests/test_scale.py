@@ -186,6 +186,43 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 
+def _sharded_worker(mode, out, flags, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(ROOT, "tests", "sharded_load_worker.py"), mode, str(out), *flags]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_sharded_load_fills_every_shard_from_one_reader(tmp_path):
+    """--fsdp (issue 31): models built on the meta device, sharded, filled from rank 0's read. Gathered, every
+    parameter and buffer equals the checkpoint's (rotary inv_freq, which no checkpoint holds, too), the tied
+    lm_head stays one parameter with the embedding, the critic is the checkpoint's backbone with a zero head, the
+    reference the policy in bf16; and train.py's iterations give the metrics of the path that reads everything on
+    every process (scale.load_full), without a reference (which is bf16 now, --dtype before: its KL moves at bf16
+    noise, so it is checked by its weights above)."""
+    from model import load_policy
+    other, tok = load_policy("tiny")  # a --critic-model of its own (same tokenizer, other weights): read by rank 0
+    torch.manual_seed(0)
+    for p in other.parameters():
+        p.data += 0.01 * torch.randn_like(p)
+    other.save_pretrained(tmp_path / "critic")
+    tok.save_pretrained(tmp_path / "critic")
+    for flags, port in (([], 29541), (["--critic-model", str(tmp_path / "critic")], 29544)):
+        _sharded_worker("check", tmp_path, flags, port)
+        result = json.load(open(tmp_path / "check.json"))
+        assert {k: v for k, v in result.items() if k != "buffers"} == {
+            "tied": True, "policy_equal": True, "critic_equal": True, "ref_bf16_of_policy": True, "buffers_equal": True,
+            "lm_head_is_embedding": True}, flags
+    flags = [*TINY, "--kl-coef", "0", "--eval-episodes", "2", "--env-kwargs", '{"invalid_penalty": 0.1}']
+    rows = {}
+    for mode, port in (("train-sharded", 29542), ("train-full", 29543)):
+        _sharded_worker(mode, tmp_path, flags, port)
+        rows[mode] = [{k: v for k, v in r.items() if k not in TIMING} for r in metric_rows(str(tmp_path / mode))]
+    assert len(rows["train-sharded"]) == 3 and rows["train-sharded"][0]["value_loss"] > 0
+    for a, b in zip(rows["train-sharded"], rows["train-full"]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+
+
 def test_sigterm_under_torchrun_every_process_checkpoints_and_stops(tmp_path):
     """torchrun forwards SIGTERM to both processes; they agree after the iteration in progress, write one sharded
     checkpoint together and stop; --resume under torchrun continues exactly."""

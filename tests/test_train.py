@@ -727,3 +727,25 @@ def test_a_bad_number_fails_in_seconds_with_one_line():
                        timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["train.py: error: --lr must be > 0, not -1.0"]
     assert time.time() - start < 30  # before any model, env or data is built (mostly import time)
+
+
+def test_report_to_tensorboard_holds_the_metrics_and_run_json_records_the_run(tmp_path):
+    """--report-to tensorboard: the event file's scalars are metrics.jsonl's, read back with tensorboard's own reader;
+    run.json holds the config, the versions, the machine and the commit, one record per start (--resume adds one)."""
+    import importlib.metadata
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, rows = run(tmp_path, "--report-to", "tensorboard", "--iters", "1")
+    _, rows = run(tmp_path, "--report-to", "tensorboard", "--iters", "2", "--resume")  # continues: new rows logged
+    acc = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    want = {(k, r["iter"]): v for r in rows for k, v in r.items() if k != "iter"}
+    got = {(k, e.step): e.value for k in acc.Tags()["scalars"] for e in acc.Scalars(k)}
+    assert set(got) == set(want) and all(got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-12) for key in want)
+    assert "curve" in acc.Tags()["images"]
+    record = json.load(open(os.path.join(out, "run.json")))["starts"]
+    assert len(record) == 2 and record[1]["config"]["resume"] and not record[0]["config"]["resume"]
+    assert record[0]["config"] == {**dataclasses.asdict(train.parse_config(TINY + ["--out", out, "--report-to",
+                                                                                   "tensorboard", "--iters", "1"]))}
+    assert record[0]["versions"]["torch"] == importlib.metadata.version("torch") and record[0]["python"]
+    assert record[0]["cpu"] and record[0]["world_size"] == 1
+    assert record[0]["git"] is None or len(record[0]["git"]["commit"]) == 40  # a checkout: its commit
