@@ -9,6 +9,8 @@ Built-in names are materialised once as normal `save_pretrained` folders under `
 `~/.cache/steppo`), written to a temp folder and renamed, so loading them afterwards is a plain local load.
 Models load in fp32 unless `dtype` is given, so the trainer's log-probs match the engine's to 1e-4.
 """
+import contextlib
+import copy
 import importlib.util
 import os
 import random
@@ -207,3 +209,92 @@ class Critic(nn.Module):
 def load_critic(name_or_path: str, dtype=None) -> Critic:
     """Same names as `load_policy`; the backbone is the causal LM's base model (AutoModel)."""
     return Critic(_load(AutoModel.from_pretrained, name_or_path, dtype=dtype or torch.float32))
+
+
+# ---------------------------------------------------------------- LoRA: low-rank adapters (peft), merged for engines
+ADAPTER = "default"  # peft's adapter name: parameters are <linear>.lora_A.default.weight and .lora_B.default.weight
+
+
+def add_adapters(model: nn.Module, rank: int, alpha: float, targets: str = "all-linear") -> nn.Module:
+    """LoRA (Hu et al. 2021) through peft, in place: every targeted nn.Linear y = W x becomes
+    y = W x + (alpha / rank) B A x with A (rank, in) Kaiming-random and B (out, rank) zero, so the model starts as it
+    was; its old weight moves to <linear>.base_layer.weight. Every parameter but the adapters is frozen.
+    targets: "all-linear" (every Linear but the output layer) or comma-separated module names ("q_proj,v_proj").
+    The model stays the transformers model it was (peft's inject_adapter_in_model, no PeftModel wrapper), so its
+    attributes, its FSDP units and its sub-models (`base_model`, which the critic copies) keep their names."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import Linear as LoraLinear
+    names = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    missing = [] if names == "all-linear" else [t for t in names if t not in {n.split(".")[-1] for n, _ in model.named_modules()}]
+    if missing or not names:  # a typo must not silently leave a layer untrained
+        raise ValueError(f"--lora-targets {targets!r}: no module named {', '.join(missing) or '(empty)'} in the model")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names)
+    try:
+        model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as e:  # no module matched the targets
+        raise ValueError(f"--lora-targets {targets!r}: {e}") from None
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    if not layers or not all(isinstance(m, LoraLinear) and type(m.base_layer) is nn.Linear for m in layers):
+        raise ValueError(f"--lora-targets {targets!r}: LoRA here adapts nn.Linear layers only (merged as W + s B A)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    model.lora_config = config  # what save_adapter writes as adapter_config.json
+    return model
+
+
+def lora_scale(model: nn.Module) -> float | None:
+    """alpha / rank of the model's adapters, None without any."""
+    config = getattr(model, "lora_config", None)
+    return config.lora_alpha / config.r if config is not None else None
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Forwards inside run the base model only (y = W x): LoRA's KL reference without a second copy of the weights.
+    No-op for a model without adapters (or None)."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")] if model is not None else []
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def merged_weights(named, scale: float | None):
+    """(name, tensor) pairs of a state dict with adapters -> those of the plain model, lazily: for each adapted
+    Linear W' = W + scale * B @ A (computed in fp32, returned in W's dtype) under <linear>.weight, its bias under
+    <linear>.bias, the adapters themselves left out. scale None (no adapters): the pairs unchanged. What the engine
+    (vLLM's sync) and `final/` get: a model transformers and vLLM load as any other."""
+    pending = {}  # <linear> -> {"W", "A", "B"} until all three have passed
+    for name, t in named:
+        if scale is None or (".base_layer." not in name and ".lora_" not in name):
+            yield name, t
+            continue
+        linear = name.split(".base_layer.")[0] if ".base_layer." in name else name.split(".lora_")[0]
+        if name.endswith(".base_layer.bias"):
+            yield linear + ".bias", t
+            continue
+        got = pending.setdefault(linear, {})
+        got["W" if ".base_layer." in name else "A" if ".lora_A." in name else "B"] = t
+        if len(got) == 3:
+            del pending[linear]
+            W, A, B = got["W"], got["A"], got["B"]
+            yield linear + ".weight", (W.float() + scale * (B.float() @ A.float())).to(W.dtype)
+    if pending:
+        raise ValueError(f"adapters without their base weight or a partner: {sorted(pending)[:3]}")
+
+
+def save_adapter(model: nn.Module, state: dict, path: str, base: str) -> None:
+    """The adapters of `state` (the model's full state dict) as peft saves them: adapter_config.json and
+    adapter_model.safetensors, keys base_model.model.<linear>.lora_A.weight, so that
+    peft.PeftModel.from_pretrained(<the base model>, path) rebuilds the adapted model. base: the base model's name
+    or path, recorded in the config."""
+    from safetensors.torch import save_file
+    config = copy.deepcopy(model.lora_config)
+    config.base_model_name_or_path = base
+    config.save_pretrained(path)
+    tensors = {"base_model.model." + k.replace(f".{ADAPTER}.", "."): v.contiguous()
+               for k, v in state.items() if ".lora_" in k}
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))

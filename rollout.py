@@ -258,9 +258,12 @@ class VLLMEngine:
         A sharded (FSDP2) tensor is gathered just before it is loaded: every process calls sync, in the same order.
         Asleep: wake the weights, load, then wake the KV cache (old weights, new weights and KV cache never all at
         once), then reset the prefix cache (its blocks were computed with the old weights). vLLM 0.32's in-place
-        `reload_weights` is always given the weights: without them it reloads the checkpoint from disk (TRL #5312)."""
+        `reload_weights` is always given the weights: without them it reloads the checkpoint from disk (TRL #5312).
+        A model with LoRA adapters arrives merged (model.merged_weights): vLLM's own LoRA path is not used."""
+        from model import lora_scale, merged_weights
         dtype = self.llm.llm_engine.model_config.dtype
-        weights = ((k, gather(v.detach().to(dtype))) for k, v in model.state_dict().items())
+        tensors = ((k, gather(v.detach())) for k, v in model.state_dict().items())  # LoRA: merged, W + s B A
+        weights = ((k, v.to(dtype)) for k, v in merged_weights(tensors, lora_scale(model)))
         if self.asleep:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

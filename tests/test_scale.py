@@ -329,8 +329,11 @@ def test_gpu_smoke_runs_every_setting_at_toy_size_on_cpu(tmp_path):
     with open(out) as f:
         report = json.load(f)
     assert [s["setting"] for s in report["settings"]] == ["fp32-ddp", "bf16-ckpt", "bf16-ckpt-micro", "fsdp-bf16-ckpt",
-                                                          "fsdp-bf16-ckpt-micro"]
+                                                          "fsdp-bf16-ckpt-micro", "lora-bf16-ckpt-micro",
+                                                          "fsdp-lora-bf16-ckpt-micro"]
     for s in report["settings"]:
+        if "lora" in s["setting"]:  # adapters (and the value head) only
+            assert 0 < s["params"]["trained"] < s["params"]["policy"] + s["params"]["critic"], s["params"]
         assert s["status"] == "ok", (s["setting"], s["error"])
         assert len(s["seconds"]) == 2 and set(s["seconds"][0]) == {"rollout", "forward", "credit", "update", "sync"}
         assert s["peak_gib"]["max"] > 0 and min(s["gen_tokens_per_s"]) > 0 and min(s["train_tokens_per_s"]) > 0

@@ -1,6 +1,7 @@
 """End-to-end runs of train.py with tiny budgets (CleanRL style): every estimator, resume, DDP, plugins, bad flags."""
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -128,6 +129,11 @@ def test_resume_errors_are_clear(tmp_path):
     (["--max-env-errors", "1.5"], "--max-env-errors is a share"),
     (["--save-every", "0"], "--save-every must be >= 1"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
+    (["--lora-rank", "-1"], "--lora-rank, --iters"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--report-to", "mlflow"], "--report-to takes a comma-separated list of none, tensorboard, wandb"),
+    *([(["--report-to", "tensorboard,wandb"], "--report-to wandb needs the wandb package")]
+      if importlib.util.find_spec("wandb") is None else []),
 ])
 def test_bad_flags_fail_before_work(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -56,6 +56,29 @@ def test_vllm_sync_follows_trainer_weights(engine, tiny):
     model, tok = tiny
     check_sync(engine, model, tok)
 
+def test_vllm_sync_of_an_adapted_policy_streams_merged_weights(engine, tiny):
+    """--lora-rank: sync hands vLLM W + (alpha / rank) B A for every adapted layer (a random B), under the plain
+    names; the engine's log-probs then equal the adapted trainer's (token in token out, 1e-4), and syncing the plain
+    model brings the engine back."""
+    from model import add_adapters, load_policy
+    model, tok = tiny
+    policy = add_adapters(load_policy("tiny")[0], 4, 8.0)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    try:
+        engine.sync(policy)
+        seeds = list(range(6))
+        trajs = collect(engine, [CountEnv() for _ in seeds], tok, seeds, max_steps=3, max_new_tokens=10,
+                        temperature=1.0, seed=0)
+        check_tito(policy, trajs)
+        with pytest.raises(AssertionError):  # and not the base model's
+            check_tito(model, trajs, tol=1e-3)
+    finally:
+        engine.sync(model)
+
+
 def test_vllm_and_hf_agree_greedy(engine, tiny):
     model, tok = tiny
     prompts = [first_prompt(tok, CountEnv.system_prompt, CountEnv().reset(s)[0]) for s in range(4)]
