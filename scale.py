@@ -406,8 +406,8 @@ def _state(parts: dict) -> dict:
         if model is not None:
             msd, osd = get_state_dict(model, opt if opt is not None else [])
             if opt is not None and not _trains_all(model):
-                trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-                msd = {k: v for k, v in msd.items() if k in trained}
+                kept = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+                msd = {k: v for k, v in msd.items() if k in kept}
             state[name] = {"model": msd, **({"optim": osd} if opt is not None else {})}
     return state
 
