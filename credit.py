@@ -10,8 +10,11 @@ Shapes: (N, T) = trajectories x steps, left-aligned, `step_mask` 1 on real steps
 tokens. Every function is vectorised over trajectories; the only Python loops run over time.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from steppo_loss import LOSSES
 
 
 def _as_float(x):
@@ -243,34 +246,52 @@ class CreditInputs:
     all_sum: object  # sums a 1-D tensor over processes (whitening statistics of the whole batch)
 
 
-@dataclass(frozen=True)
+CRITICS = ("step", "token", "")  # V(s_t) trained at step boundaries | V at every action token | no critic
+WHITENINGS = ("--whiten", "always", "group", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Estimator:
-    """One row of the estimator table: everything the loop needs to know about an advantage estimator."""
-    advantages: object  # CreditInputs -> (advantages (N, T) per step or (N, T, A) per token, returns or None)
+    """One row of the estimator table: everything the loop needs to know about an advantage estimator. Built with
+    keywords, checked when built: a typo in a field fails at import, not silently at run time."""
+    advantages: Callable  # CreditInputs -> (advantages (N, T) per step or (N, T, A) per token, returns or None)
     critic: str  # "step": V(s_t) trained at step boundaries | "token": V at every action token | "": no critic
     grouped: bool  # compares the trajectories of one task: needs --group-size >= 2
-    loss: str  # the loss it runs with when --loss is not given (step: StepPO's; token: PPO's, as the authors' scripts)
+    loss: str  # the loss (steppo_loss.LOSSES) it runs with when --loss is not given (the authors' scripts' pairing)
     whitening: str  # "--whiten": whitened over the batch when --whiten (steps; tokens for token advantages) |
     #                 "always": by definition, inside its function above | "group": its own group-std | "none"
     about: str  # one line for --help and the docs
 
+    def __post_init__(self):
+        for name, allowed in (("critic", CRITICS), ("whitening", WHITENINGS), ("loss", tuple(LOSSES))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Estimator.{name} must be one of {allowed}, not {getattr(self, name)!r}")
+
 
 ESTIMATORS = {  # adding an estimator = its function above + one entry here (train.py reads only this; docs/extending.md)
-    "step_gae": Estimator(lambda x: step_gae(x.rewards, x.v_step, x.step_mask, x.gamma, x.lam, x.bootstrap),
-                          "step", False, "step", "--whiten", "StepPO: GAE over steps, V read at step boundaries"),
-    "token_gae": Estimator(lambda x: token_gae_on_steps(x.rewards, x.v_tok, x.token_mask, x.gamma, x.lam, x.bootstrap),
-                           "token", False, "token", "--whiten", "PPO: GAE over action tokens, gamma once per step"),
-    "grpo": Estimator(lambda x: (grpo(x.rewards.sum(1), x.groups)[:, None] * x.step_mask, None),
-                      "", True, "token", "group", "GRPO: (score - group mean) / group std, broadcast"),
-    "rloo": Estimator(lambda x: (rloo(x.rewards.sum(1), x.groups)[:, None] * x.step_mask, None),
-                      "", True, "token", "none", "RLOO: score - mean of the others in its group, broadcast"),
-    "gigpo": Estimator(lambda x: (gigpo(x.rewards, x.step_mask, x.groups, x.states, x.gamma), None),
-                       "", True, "token", "group", "GiGPO: episode group + anchor-state group"),
-    "reinforce_pp": Estimator(lambda x: (reinforce_pp(x.rewards, x.step_mask, x.gamma, x.all_sum), None),
-                              "", False, "token", "always", "REINFORCE++: reward-to-go, whitened over steps"),
+    "step_gae": Estimator(advantages=lambda x: step_gae(x.rewards, x.v_step, x.step_mask, x.gamma, x.lam, x.bootstrap),
+                          critic="step", grouped=False, loss="step", whitening="--whiten",
+                          about="StepPO: GAE over steps, V read at step boundaries"),
+    "token_gae": Estimator(advantages=lambda x: token_gae_on_steps(x.rewards, x.v_tok, x.token_mask, x.gamma, x.lam,
+                                                                   x.bootstrap),
+                           critic="token", grouped=False, loss="token", whitening="--whiten",
+                           about="PPO: GAE over action tokens, gamma once per step"),
+    "grpo": Estimator(advantages=lambda x: (grpo(x.rewards.sum(1), x.groups)[:, None] * x.step_mask, None),
+                      critic="", grouped=True, loss="token", whitening="group",
+                      about="GRPO: (score - group mean) / group std, broadcast"),
+    "rloo": Estimator(advantages=lambda x: (rloo(x.rewards.sum(1), x.groups)[:, None] * x.step_mask, None),
+                      critic="", grouped=True, loss="token", whitening="none",
+                      about="RLOO: score - mean of the others in its group, broadcast"),
+    "gigpo": Estimator(advantages=lambda x: (gigpo(x.rewards, x.step_mask, x.groups, x.states, x.gamma), None),
+                       critic="", grouped=True, loss="token", whitening="group",
+                       about="GiGPO: episode group + anchor-state group"),
+    "reinforce_pp": Estimator(advantages=lambda x: (reinforce_pp(x.rewards, x.step_mask, x.gamma, x.all_sum), None),
+                              critic="", grouped=False, loss="token", whitening="always",
+                              about="REINFORCE++: reward-to-go, whitened over steps"),
     "reinforce_pp_baseline": Estimator(
-        lambda x: (reinforce_pp_baseline(x.rewards, x.step_mask, x.groups, x.all_sum), None),
-        "", True, "token", "always", "REINFORCE++-baseline: score - group mean, whitened over steps"),
+        advantages=lambda x: (reinforce_pp_baseline(x.rewards, x.step_mask, x.groups, x.all_sum), None),
+        critic="", grouped=True, loss="token", whitening="always",
+        about="REINFORCE++-baseline: score - group mean, whitened over steps"),
 }
 
 

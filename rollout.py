@@ -19,8 +19,8 @@ Conventions (what the trainer can rely on):
 - EOS: generation stops at the end-of-turn token and that sampled token stays in action_ids with its log-prob,
   so what is trained on is exactly what was sampled. action_text is decoded without special tokens.
 - Step.info = the env's info + "cut" (the response hit max_new_tokens without an EOS; kept as it is) +
-  "truncated" (True on the last step when the env's own step limit ended the episode (its info["truncated"]),
-  or when the next prompt would not fit the model's context). Such trajectories, and those cut at max_steps,
+  "truncated" (True on the last step of an episode a limit ended: the env's own step limit (its
+  info["truncated"]), `max_steps`, or a next prompt that would not fit the model's context). Such trajectories
   get terminated=False and keep the state that would have come next in `Trajectory.next_prompt_ids` (what a
   critic bootstraps from); an episode the env ended for real gets terminated=True and next_prompt_ids=None.
   Why each of these matters: docs/implementation-details.md (details 2, 3, 6, 12, 25).
@@ -31,9 +31,10 @@ import sys
 import traceback
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from scale import all_sum
+from model import lora_scale, merged_weights
 from step_mdp import Step, Trajectory
 
 PLACEHOLDER = "<<steppo-action>>"  # stands for the response when rendering the chat template around it
@@ -94,11 +95,6 @@ def eos_ids(tokenizer, generation_config=None) -> set[int]:
 
 
 # ---------------------------------------------------------------- engines: generate(prompts) and sync(model)
-def gather(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (FSDP2 DTensor) one, a collective; any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 @dataclass
 class KVState:
     """What HFEngine keeps between calls: the cache and, per row, the columns it covers. ids / mask (B, W): every
@@ -137,6 +133,9 @@ class HFEngine:
 
     def sleep(self) -> None:
         """Frees the kept KV cache (the weights are the trainer's); the trainer calls it before every update."""
+        self.kv = None
+
+    def close(self) -> None:
         self.kv = None
 
     def _extend(self, prompts: list[list[int]]):
@@ -260,9 +259,9 @@ class VLLMEngine:
         once), then reset the prefix cache (its blocks were computed with the old weights). vLLM 0.32's in-place
         `reload_weights` is always given the weights: without them it reloads the checkpoint from disk (TRL #5312).
         A model with LoRA adapters arrives merged (model.merged_weights): vLLM's own LoRA path is not used."""
-        from model import lora_scale, merged_weights
         dtype = self.llm.llm_engine.model_config.dtype
-        tensors = ((k, gather(v.detach())) for k, v in model.state_dict().items())  # LoRA: merged, W + s B A
+        tensors = ((k, v.detach().full_tensor() if hasattr(v, "full_tensor") else v.detach())  # FSDP2: gathered
+                   for k, v in model.state_dict().items())  # LoRA: merged, W + s B A
         weights = ((k, v.to(dtype)) for k, v in merged_weights(tensors, lora_scale(model)))
         if self.asleep:
             if torch.cuda.is_available():
@@ -317,6 +316,16 @@ class Episode:
     won: bool = False
     error: str | None = None  # the traceback of an exception the env raised: the episode ended there
     seed: int | None = None  # the task seed it was reset with
+
+
+def ending(e: Episode) -> str:
+    """How an episode ended (Trajectory.end): the env raised, the env ended it, the next prompt would not fit the
+    context, or a step limit (--max-steps, the env's own)."""
+    if e.error:
+        return "env_error"
+    if e.done:
+        return "terminated"
+    return "context" if e.steps and e.steps[-1].info.get("context_limit") else "step_limit"
 
 
 def env_error(env, seed, where: str) -> str:
@@ -404,66 +413,37 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                     user = info.get("prompt") or window_message(e.task, obs, e.actions, window)
                     e.prompt = first_prompt(tokenizer, e.env.system_prompt, user, getattr(e.env, "tools", None))
                 if done or turn == max_steps - 1:
+                    e.steps[-1].info["truncated"] = True  # the env's step limit or --max-steps: truncated, not terminal
                     e.live = False
                 elif len(e.prompt) + max_new_tokens > max_len:  # the next turn would not fit: end cleanly
-                    e.steps[-1].info["truncated"] = True
+                    e.steps[-1].info.update(truncated=True, context_limit=True)
                     e.live = False
             bar.update(sum(not e.live for e in live))
             bar.set_postfix(turn=turn + 1, live=sum(e.live for e in episodes))
         trajectories += [Trajectory(e.steps, e.task_id, terminated=e.done, success=e.won and not e.error,
-                                    next_prompt_ids=None if e.done else e.prompt, error=e.error) for e in episodes]
+                                    next_prompt_ids=None if e.done else e.prompt, error=e.error, end=ending(e),
+                                    task=e.task, seed=e.seed) for e in episodes]
     bar.close()
     return trajectories
 
 
-# ---------------------------------------------------------------- what the trainer reads from a batch of rollouts
-def report_env_errors(trajs, what: str, outcome: str) -> list:
-    """The trajectories whose env raised; the first one's traceback (env class, task seed) goes to stderr."""
-    errored = [t for t in trajs if t.error]
-    if errored:
-        tqdm.write(f"{what}: {len(errored)} of {len(trajs)} episodes ended by an environment error, {outcome}; the first: "
-                   f"{errored[0].error}", file=sys.stderr)
-    return errored
-
-
-def finished_only(trajs, max_env_errors: float, device, what: str):
-    """The episodes whose env did not raise, and how many did (all processes). The first traceback goes to stderr;
-    every process stops together when errors are the rule: over max_env_errors (a share) of the episodes, or none
-    left here."""
-    errored = report_env_errors(trajs, what, "left out")
-    kept = [t for t in trajs if not t.error]
-    n_err, n, none_left = all_sum([len(errored), len(trajs), float(not kept)], device)
-    if n_err > max_env_errors * n or none_left:
-        raise SystemExit(f"error: {what}: {n_err:.0f} of {n:.0f} episodes ended by an environment error (more than "
-                         f"--max-env-errors {max_env_errors}, or a process has none left): the env is broken")
-    return kept, int(n_err)
-
-
-def rollout_stats(trajs, device) -> dict:
-    """Success, return, steps, invalid actions, and the share of task groups with a win and a loss (all processes)."""
-    steps, groups = [s for t in trajs for s in t.steps], {}
-    for t in trajs:
-        groups.setdefault(t.task_id, set()).add(t.success)
-    won, ret, n_steps, invalid, n, mixed, n_groups = all_sum(
-        [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), len(steps),
-         sum(bool(s.info.get("invalid")) for s in steps), len(trajs), sum(len(g) == 2 for g in groups.values()),
-         len(groups)], device)
-    return dict(success_rate=won / n, mean_return=ret / n, mean_steps=n_steps / n, invalid_rate=invalid / n_steps,
-                mixed_groups=mixed / max(n_groups, 1), **score_stats(trajs, device))
-
-
-def score_stats(trajs, device, key="score") -> dict:
-    """{key: the mean of the episodes' last info["score"]} (all processes) where the env reports a score (WebShop:
-    100 x the official reward); {} where it does not."""
-    scores = [t.steps[-1].info["score"] for t in trajs if t.steps and "score" in t.steps[-1].info]
-    total, n = all_sum([sum(scores), len(scores)], device)
-    return {key: total / n} if n else {}
-
-
-def eval_stats(trajs, device) -> dict:
-    """eval_success_rate, eval_score (where the env reports a score) and eval_env_errors (where any) of greedy
-    evaluation episodes (all processes): an episode ended by an env error is a failure, and is counted."""
-    errored = report_env_errors(trajs, "evaluation", "counted as failures")
-    won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
-    return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {}),
-            **score_stats(trajs, device, "eval_score")}
+# ---------------------------------------------------------------- choosing an engine for a run
+def make_engine(cfg, policy, tok, rank, device):
+    """The rollout engine of a train.py run. hf: generates with the trainer's own model `policy` (the module that
+    computes: under --dtype bf16 in one process the bf16 twin; sync is free). vllm: one engine per process, colocated
+    (vLLM's external_launcher under torchrun, PR #13642), taking --vllm-memory of the GPU, bf16 under --dtype bf16,
+    asleep during updates under --vllm-sleep; it starts from <out>/engine_init/, config and tokenizer only
+    (load_format="dummy": the weights arrive with the first sync, nothing big is written or read)."""
+    if cfg.engine == "hf":
+        return HFEngine(policy, tok)
+    path = os.path.join(cfg.out, "engine_init")
+    if rank == 0:
+        for x in (policy.config, policy.generation_config, tok):
+            x.save_pretrained(path)
+    kw = dict(gpu_memory_utilization=cfg.vllm_memory) if device.type == "cuda" else dict(enforce_eager=True)
+    if dist.is_initialized():
+        dist.barrier()
+        kw["distributed_executor_backend"] = "external_launcher"
+    if cfg.dtype == "bf16":
+        kw["dtype"] = "bfloat16"
+    return VLLMEngine(path, seed=cfg.seed + rank, sleep_level=cfg.vllm_sleep, load_format="dummy", **kw)

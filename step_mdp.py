@@ -34,6 +34,10 @@ class Trajectory:
     success: bool = False
     next_prompt_ids: list[int] | None = None  # s_T, the state after the last step of a cut episode (bootstrap)
     error: str | None = None  # the env raised (rollout.collect): the episode is left out of training
+    end: str = ""  # how it ended: "terminated" (the env), "step_limit" (--max-steps or the env's own), "context"
+    #               (the next prompt would not fit), "env_error"
+    task: str = ""  # the first observation (what step 0 acted on)
+    seed: int | None = None  # the task seed the env was reset with
 
     @property
     def total_reward(self) -> float:
@@ -103,6 +107,19 @@ class StepBatch:
                          value_positions=self.value_positions[keep], step_row=where[self.step_row[keep]],
                          traj_index=self.traj_index[keep], step_index=self.step_index[keep], action_index=index,
                          action_step_mask=mask, rewards=self.rewards, step_mask=self.step_mask, terminated=self.terminated)
+
+
+def step_grids(trajectories: list[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The credit layout of a batch, without collating it: rewards (N, T), step_mask (N, T) (1 on real steps) and
+    token_mask (N, T, A) (1 on each step's real action tokens), left-aligned."""
+    N, T = len(trajectories), max(len(tr.steps) for tr in trajectories)
+    A = max(1, max(len(s.action_ids) for tr in trajectories for s in tr.steps))
+    rewards, step_mask, token_mask = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T, A)
+    for i, tr in enumerate(trajectories):
+        for t, s in enumerate(tr.steps):
+            rewards[i, t], step_mask[i, t] = s.reward, 1.0
+            token_mask[i, t, :len(s.action_ids)] = 1.0
+    return rewards, step_mask, token_mask
 
 
 def split_rows(batch: StepBatch, max_tokens: int) -> list[StepBatch]:

@@ -1,6 +1,6 @@
-"""Objectives: the step-aligned clipped policy loss of StepPO, token-level PPO's loss, the critic loss and KL; and
-the forward passes that feed them (`step_logprobs`, `critic_outputs`: a model over a StepBatch of step_mdp.py;
-`boundary_values`: the critic at the end of token contexts).
+"""Objectives, tensor math only: the step-aligned clipped policy loss of StepPO, token-level PPO's loss, the critic
+loss and KL, and the log-probs and entropies of logits they are computed from (the forward passes that produce the
+logits and values are in model.py: `step_logprobs`, `critic_outputs`).
 
 StepPO (arXiv 2604.18401, 'step-aligned policy optimization') gives each step ONE importance ratio, the
 geometric mean of its token ratios, and clips it once: the unit that is rewarded is the unit that is clipped.
@@ -9,9 +9,11 @@ Applied to whole-trajectory rows the same function is GSPO (Zheng et al. 2025, a
 Shapes: (B, L) = rows x tokens. The log-prob of input_ids[:, j] comes from the logits at position j - 1.
 The equations, with a worked example: docs/method.md (equations 4-6).
 """
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 LOG_RATIO_LIMIT = 20.0  # |log r| is clamped here so exp never overflows into inf * 0 = NaN
 KL_LIMIT = 10.0  # each k3 KL term is clamped to [-10, 10] (verl low_var_kl, used by the StepPO authors)
@@ -153,51 +155,66 @@ def value_loss(values, old_values, returns, mask, clip):
 
 def kl_k3(logprobs, ref_logprobs, mask):
     """KL(pi || ref) by the k3 estimator (Schulman 2020; as in GRPO, Shao et al. 2024, Eq. 4):
-    masked mean of exp(ref - lp) - (ref - lp) - 1, each term clamped to [0, KL_LIMIT] as verl's "low_var_kl"
-    (the StepPO authors' KL loss). Non-negative for every token."""
+    masked mean of exp(ref - lp) - (ref - lp) - 1, each term clamped to [-KL_LIMIT, KL_LIMIT] as verl's "low_var_kl"
+    (the StepPO authors' KL loss). Non-negative for every token. As a loss its expected gradient is that of
+    KL(ref || pi), not of the KL its value estimates (docs/method.md, equation 6)."""
     mask = mask.to(logprobs.dtype)
     d = _masked(ref_logprobs - logprobs, mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return _masked_mean((d.exp() - d - 1).clamp(-KL_LIMIT, KL_LIMIT), mask)
 
 
-# ---------------------------------------------------------------- the forward passes that feed them (a StepBatch, step_mdp.py)
-def step_logprobs(policy, b, entropy=True, head_at_actions=True):
-    """Log-probs (S, A) of batch b's action tokens under `policy` and their mean entropy (a float; None unless asked).
-    head_at_actions: the LM head runs only at the K positions j - 1 that predict an action token j (a pre-hook hands
-    it those hidden states, inside the DDP/FSDP forward), so the logits are (K, V), never (B, L, V). Off: the head
-    runs at every position and the action rows are picked from its output: the same values, and the last bits of the
-    head's weight gradient as they always were (a GEMM over B * L rows, not K)."""
-    keep = b.action_step_mask > 0  # (S, A)
-    pos = (b.action_index - 1)[keep]  # (K,) flat positions in (B * L)
-    head = getattr(policy, "module", policy).get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, 1)[pos],)) if head_at_actions else None
-    try:
-        logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (K, V) or (B, L, V)
-    finally:
-        if hook is not None:
-            hook.remove()
-    logits = logits if head_at_actions else logits.flatten(0, 1)[pos]  # (K, V)
-    lp_k = gathered_logprobs(logits, b.input_ids.flatten()[b.action_index[keep]])  # (K,)
-    lp = torch.zeros(keep.shape, dtype=lp_k.dtype, device=lp_k.device).masked_scatter(keep, lp_k)  # (S, A)
-    if not entropy:
-        return lp, None
-    ent = torch.zeros_like(lp).masked_scatter(keep, token_entropy(logits[None])[0].to(lp.dtype))  # (S, A)
-    return lp, ((ent * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)).item()
+@torch.no_grad()
+def step_ratios(logprobs, old_logprobs, action_mask, per_step, clip=None):
+    """What a step's ratio did, for the episode log: (the step's geometric-mean ratio (B,), the share of its ratios
+    outside [1 - low, 1 + high] (B,): 0 or 1 for a per-step ratio, a fraction of its tokens for per-token ones; zeros
+    when `clip` is None). logprobs, old_logprobs, action_mask (B, L)."""
+    mask = action_mask.to(logprobs.dtype)
+    d = _masked(logprobs - old_logprobs, mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    n = mask.sum(-1).clamp(min=1)
+    ratio = (d.sum(-1) / n).exp()
+    if clip is None:
+        return ratio, torch.zeros_like(ratio)
+    out = lambda r: ((r < 1 - clip[0]) | (r > 1 + clip[1])).to(r.dtype)  # noqa: E731
+    return ratio, out(ratio) if per_step else (out(d.exp()) * mask).sum(-1) / n
 
 
-def critic_outputs(critic, b):
-    """Step values V(s_t) (S,), read before each step's first action token, and token values (S, A), read at
-    position j - 1 for the action token at j (what token-level PPO uses)."""
-    values = critic(b.input_ids, b.attention_mask)  # (B, L)
-    v_step = values[b.step_row, b.value_positions]  # (S,)
-    v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
-    return values, v_step, v_tok
+# ---------------------------------------------------------------- the loss table (train.py reads only this)
+@dataclass(frozen=True, kw_only=True)
+class Loss:
+    """One row of the loss table: what the update needs to know about a policy loss. Built with keywords, checked when
+    built: a typo fails at import, not silently at run time."""
+    fn: Callable  # (logprobs (S, A), old_logprobs (S, A), advantages, action_mask (S, A), is_weight, cfg) -> (loss, stats)
+    ratio: str  # "step": one importance ratio per step, advantages (S,), --tis-cap weights per step | "token": per token, (S, A)
+    mean_over: Callable  # cfg -> "steps" | "tokens": what the loss averages over (how micro-batches are weighted)
+    flags: tuple  # the Config fields fn reads (for --help and the docs)
+    about: str  # one line for --help and the docs
+    clip: Callable | None = None  # cfg -> (low, high): ratios outside [1 - low, 1 + high] are clipped (the episode log)
+
+    def __post_init__(self):
+        if self.ratio not in ("step", "token"):
+            raise ValueError(f"Loss.ratio must be 'step' or 'token', not {self.ratio!r}")
+        if not callable(self.fn) or not callable(self.mean_over):
+            raise ValueError("Loss.fn and Loss.mean_over must be functions")
 
 
-def boundary_values(critic, contexts, pad_id, device):
-    """V(s) (n,) for n token contexts s (lists of ids), read at the last token of s: where the step critic is
-    trained (the step boundary before a first action token). The next state of a cut episode (--bootstrap)."""
-    ids = pad_sequence([torch.tensor(c) for c in contexts], batch_first=True, padding_value=pad_id)  # (n, L), right-padded
-    mask = pad_sequence([torch.ones(len(c), dtype=torch.long) for c in contexts], batch_first=True)  # (n, L)
-    values = critic(ids.to(device), mask.to(device))  # (n, L)
-    return values[torch.arange(len(contexts)), torch.tensor([len(c) - 1 for c in contexts])]
+LOSSES = {  # adding a loss = its function above + one entry here (docs/extending.md)
+    "step": Loss(fn=lambda lp, old, adv, mask, w, cfg: step_policy_loss(lp, old, adv, mask, cfg.step_clip_low,
+                                                                      cfg.step_clip_high, is_weight=w),
+                 ratio="step", mean_over=lambda cfg: "steps", flags=("step_clip_low", "step_clip_high"),
+                 about="StepPO: one ratio per step (geometric mean of its tokens'), clipped per step",
+                 clip=lambda cfg: (cfg.step_clip_low, cfg.step_clip_high)),
+    "token": Loss(fn=lambda lp, old, adv, mask, w, cfg: token_policy_loss(lp, old, adv, mask, cfg.clip_low,
+                                                                        cfg.clip_high, cfg.dual_clip or None,
+                                                                        is_weight=w, seq_mean=cfg.seq_mean),
+                  ratio="token", mean_over=lambda cfg: "steps" if cfg.seq_mean else "tokens",
+                  flags=("clip_low", "clip_high", "dual_clip", "seq_mean"),
+                  about="PPO: one ratio per token, clipped per token (dual clip; --seq-mean: per-step means)",
+                  clip=lambda cfg: (cfg.clip_low, cfg.clip_high)),
+}
+
+
+def loss_table() -> str:
+    """The table, as train.py --help prints it."""
+    rows = [f"  {n:<8} ratio: {x.ratio:<6} flags: {', '.join('--' + f.replace('_', '-') for f in x.flags):<50} {x.about}"
+            for n, x in LOSSES.items()]
+    return "\nlosses (--loss; docs/method.md):\n" + "\n".join(rows) + "\n"

@@ -51,7 +51,7 @@ METHODS = {  # name -> train.py flags; critic-free baselines use the token loss,
 LRS = [3e-5, 1e-4, 3e-4]  # around the default 1e-4, a factor ~3 each way
 TUNE_SEEDS, REPORT_SEEDS = [100, 101], [0, 1, 2, 3, 4]
 sys.path.insert(0, ROOT)
-import scale  # noqa: E402
+import checkpoint  # noqa: E402
 from train import Config  # noqa: E402
 
 ITERS = Config.iters  # train.py's default --iters (what a run without --iters does)
@@ -204,7 +204,7 @@ def run_all(jobs):
             if sha:
                 with open(os.path.join(ROOT, j["out"], "model_sha256"), "w") as f:
                     f.write(sha)
-            resume = bool(scale.checkpoints(os.path.join(ROOT, j["out"])))  # an interrupted run
+            resume = bool(checkpoint.checkpoints(os.path.join(ROOT, j["out"])))  # an interrupted run
             log = open(os.path.join(ROOT, j["out"], "train.log"), "a" if resume else "w")
             p = subprocess.Popen(j["cmd"] + ["--resume"] * resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[p.pid] = (j, time.time(), log, resume)

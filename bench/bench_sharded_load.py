@@ -49,7 +49,7 @@ def worker(mode, model, out):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with open(os.path.join(out, f"{mode}-{rank}.json"), "w") as f:
         json.dump({"rank": rank, "peak_rss_mib": peak / 1024, "load_s": seconds}, f)
-    scale.shutdown(None)
+    scale.teardown()
 
 
 def run(mode, model, out, port):

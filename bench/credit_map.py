@@ -29,17 +29,17 @@ ESTIMATORS_SHOWN = ("step_gae", "token_gae", "grpo", "rloo", "gigpo", "reinforce
 
 def load_run(run_dir):
     """(config, policy, tokenizer, critic or None, checkpoint path) of a run folder, from its newest checkpoint."""
-    import scale
+    import checkpoint
     import train
     from model import load_critic, load_policy
-    ckpts = scale.checkpoints(run_dir)
+    ckpts = checkpoint.checkpoints(run_dir)
     if not ckpts:
         raise SystemExit(f"error: {run_dir} holds no checkpoint (ckpt-<iter>/): run train.py with --iters >= 1 first")
-    meta_cfg = scale.read_meta(ckpts[-1])["config"]
+    meta_cfg = checkpoint.read_meta(ckpts[-1])["config"]
     cfg = train.Config(**{k: v for k, v in meta_cfg.items() if k in {f.name for f in dataclasses.fields(train.Config)}})
     policy, tok = load_policy(cfg.model)
     critic = load_critic(cfg.critic_model or cfg.model) if train.ESTIMATORS[cfg.estimator].critic else None
-    scale.load_checkpoint(run_dir, {"policy": (policy, None), "critic": (critic, None)})
+    checkpoint.load_checkpoint(run_dir, {"policy": (policy, None), "critic": (critic, None)})
     return cfg, policy.eval(), tok, critic, ckpts[-1]
 
 
@@ -66,8 +66,10 @@ def credit_matrices(cfg, trajs, policy, critic, pad_id):
     out = {}
     for name in ESTIMATORS_SHOWN:
         c = dataclasses.replace(cfg, estimator=name, loss="")
-        fwd = train.no_grad_pass(c, policy, critic if train.ESTIMATORS[name].critic else None, None, trajs, pad_id, dev)
-        adv = train.compute_advantages(c, trajs, fwd, dev)  # V(s_t) from the same no-grad pass as in training
+        batches = train.minibatches(c, trajs, pad_id, dev, torch.Generator().manual_seed(0))
+        fwd = train.no_grad_pass(c, policy, critic if train.ESTIMATORS[name].critic else None, None, batches, trajs,
+                                 pad_id, dev)
+        adv = train.compute_advantages(c, trajs, batches, fwd["boot"], dev)  # V(s_t) from the no-grad pass, as in training
         out[name] = {"mean": adv["adv_step"]}
         if name == "token_gae":  # the spread of the per-token advantages inside each step
             tok, mask = adv["adv_tok"], torch.zeros_like(adv["adv_tok"])

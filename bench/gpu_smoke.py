@@ -88,7 +88,7 @@ def child(args):
     import scale
     import train
     from model import Critic, load_tokenizer, lora_scale, merged_weights
-    from rollout import HFEngine, gather
+    from rollout import HFEngine
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
     rank, world, device = scale.setup_distributed()
     cuda = device.type == "cuda"
@@ -118,14 +118,14 @@ def child(args):
             policy, critic = Qwen2ForCausalLM(config), Critic(Qwen2Model(config))
         policy, critic.backbone = scale.adapt(policy, cfg), scale.adapt(critic.backbone, cfg)  # as scale.load_models
         scale.store_frozen(cfg, policy, critic)
-        ref = copy.deepcopy(policy).to(scale.DTYPES[cfg.dtype]) if cfg.kl_coef > 0 and not cfg.lora_rank else None
+        ref = scale.cast(copy.deepcopy(policy), scale.DTYPES[cfg.dtype]) if cfg.kl_coef > 0 and not cfg.lora_rank else None
         policy_w, critic_w = scale.prepare(policy, cfg, device), scale.prepare(critic, cfg, device)
         ref = scale.prepare(ref.eval().requires_grad_(False), cfg, device, train=False) if ref is not None else \
             (policy if cfg.lora_rank and cfg.kl_coef > 0 else None)  # LoRA: the policy with its adapters off
-        opt_p = torch.optim.AdamW(scale.trained(policy), lr=cfg.lr, weight_decay=0.0)
-        opt_c = torch.optim.AdamW(scale.trained(critic), lr=cfg.critic_lr, weight_decay=0.0)
+        opt_p, opt_c = scale.adamw(scale.trained(policy), cfg.lr, cfg), scale.adamw(scale.trained(critic), cfg.critic_lr, cfg)
         tok = load_tokenizer("tiny")  # ids < 1088 fit any vocabulary; only eos/pad are read
-        engine, pad = HFEngine(policy, tok), tok.pad_token_id
+        computes = scale.unwrap(policy_w)  # under --dtype bf16 in one process: the bf16 twin
+        engine, pad = HFEngine(computes, tok), tok.pad_token_id
         res["params"] = {"policy": sum(p.numel() for p in policy.parameters()),
                          "critic": sum(p.numel() for p in critic.parameters()),
                          "trained": sum(p.numel() for m in (policy, critic) for p in scale.trained(m))}
@@ -133,19 +133,20 @@ def child(args):
         for it in range(args.iters):
             sec = {}
             phase = "rollout"
-            trajs = rollout(engine, policy, w, it)
+            trajs = rollout(engine, computes, w, it)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "forward"
-            lps = train.no_grad_pass(cfg, policy, critic, ref, trajs, pad, device)
+            batches = train.minibatches(cfg, trajs, pad, device, torch.Generator().manual_seed(it))
+            lps = train.no_grad_pass(cfg, computes, scale.unwrap(critic_w), ref, batches, trajs, pad, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "credit"
-            adv = train.compute_advantages(cfg, trajs, lps, device)
+            train.compute_advantages(cfg, trajs, batches, lps["boot"], device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "update"
-            st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())
+            st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, batches, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "sync"  # what VLLMEngine.sync streams: every tensor gathered (LoRA: merged), cast to bf16
-            tensors = ((k, gather(v.detach())) for k, v in policy.state_dict().items())
+            tensors = ((k, scale.gather(v.detach())) for k, v in policy.state_dict().items())
             for _, v in merged_weights(tensors, lora_scale(policy)):
                 v.to(torch.bfloat16)
             sec[phase], t = mark(phase) - t, time.time()

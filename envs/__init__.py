@@ -35,12 +35,15 @@ The protocol, complete (what train.py and rollout.py call and read, nothing else
     score      float, a graded outcome of the episode, read from its last step and logged as `score` / `eval_score`
                (WebShop: 100 x the official reward)
 
-A plugin is found like any Python module: `--env my_module:MyEnv` imports `my_module` from the working directory,
-from `PYTHONPATH` (`PYTHONPATH=/path/to/dir python train.py --env my_module:MyEnv`) or from an installed package.
+A plugin is found like any Python module: `--env my_module:MyEnv` imports `my_module` from `PYTHONPATH`
+(`PYTHONPATH=/path/to/dir python train.py --env my_module:MyEnv`), an installed package, or the working directory
+(`make` adds it to the end of `sys.path`, so `cd plugins && python ../train.py --env my_module:MyEnv` works too).
 """
 import importlib
 import inspect
 import json
+import os
+import sys
 
 REGISTRY = {
     "alfworld": "envs.alfworld:AlfWorldEnv",
@@ -82,10 +85,13 @@ def make(name, **kwargs):
     if name in REGISTRY:
         env_cls = load_class(REGISTRY[name])
     elif ":" in name:
+        if os.getcwd() not in sys.path:  # a plugin in the working directory, whichever folder train.py is in
+            sys.path.append(os.getcwd())
         try:
             env_cls = load_class(name)
         except (ImportError, AttributeError, TypeError) as e:
-            raise ValueError("cannot load environment class %r (%s: %s)" % (name, type(e).__name__, e)) from e
+            raise ValueError("cannot load environment class %r (%s: %s); a plugin module is imported from PYTHONPATH, "
+                             "an installed package or the working directory" % (name, type(e).__name__, e)) from e
     else:
         raise ValueError("unknown environment %r: built-in ones are %s, or give a plugin as 'module.path:ClassName'"
                          % (name, ", ".join(sorted(REGISTRY))))

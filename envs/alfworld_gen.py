@@ -28,6 +28,8 @@ import alfworld.gen.constants as C
 import alfworld.gen.goal_library as glib
 from alfworld.agents.utils.misc import add_task_to_grammar
 
+from envs.alfworld_tw import load_tw_env
+
 GEN_VERSION = 2  # bump when the generated games change; part of the cache key
 TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
               "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
@@ -206,7 +208,7 @@ def make_game(seed, split, cfg, task_type=None):
 
 
 def check_game(env, path, max_plan_len):
-    """Play the planner's plan on the real engine (`env` from `envs.alfworld.load_tw_env`).
+    """Play the planner's plan on the real engine (`env` from `envs.alfworld_tw.load_tw_env`).
     Returns the plan if the game loads, is not won at reset, is solved in <= max_plan_len steps; else None."""
     try:
         env.load(path)
@@ -229,7 +231,6 @@ def generate(root, split, n_games, cfg=GenConfig(), avoid=(), verbose=False):
     Game i uses generator seeds i, i+n, ... of task type `TASK_TYPES[i % 6]` until one passes the
     checks, so every task type gets n_games/6 games. `avoid` is a set of scene signatures to skip
     (the other splits' pools, so that held-out scenes are new)."""
-    from envs.alfworld import load_tw_env
     env = load_tw_env()
     base = os.path.join(root, "json_2.1.1", SPLIT_DIRS.get(split, split))
     paths, seed = [], 0

@@ -95,6 +95,17 @@ def metric_rows(out: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s"}
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], exact: bool = False):
+    """Two runs' metrics.jsonl rows: as many, the same iterations, every non-timing key equal: bit for bit (exact: the
+    same process set-up and thread count), else to float noise (rel 1e-6, abs 1e-9: another process layout)."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert [r["iter"] for r in a] == [r["iter"] for r in b], ([r["iter"] for r in a], [r["iter"] for r in b])
+    assert strip(a) == (strip(b) if exact else [pytest.approx(r, rel=1e-6, abs=1e-9) for r in strip(b)])
+
+
 def sigterm_after_two_rows(cmd: list[str], out: str, timeout: int = 180) -> tuple[int, str]:
     """Start `cmd` (a train.py run writing to `out`), send SIGTERM once metrics.jsonl has two rows; (returncode, stderr)."""
     import signal
@@ -109,3 +120,18 @@ def sigterm_after_two_rows(cmd: list[str], out: str, timeout: int = 180) -> tupl
     _, stderr = proc.communicate(timeout=timeout)
     return proc.returncode, stderr
 
+
+
+def one_iteration(cfg, policy, critic, ref, trajs, pad_id, device=torch.device("cpu"), g=None):
+    """train.run's steps 3-4 on `trajs`: the minibatches (drawn with `g`), the no-grad pass, credit ->
+    (batches, fwd, adv); fwd also holds the no-grad outputs as (N, T[, A]) grids (old_lp, ref_lp, v_step, v_tok) for
+    comparisons with a step-by-step loop. Then train.update(cfg, policy, critic, opt_p, opt_c, batches, device)."""
+    import train
+    batches = train.minibatches(cfg, trajs, pad_id, device, g if g is not None else torch.Generator())
+    fwd = train.no_grad_pass(cfg, policy, critic, ref, batches, trajs, pad_id, device)
+    N, T = len(trajs), max(len(t.steps) for t in trajs)
+    A = max(1, max(len(s.action_ids) for t in trajs for s in t.steps))
+    for key in ("old_lp", "ref_lp", "v_step", "v_tok"):
+        if key in batches[0][0].out:
+            fwd[key] = train.as_grid(batches, key, (N, T) if key == "v_step" else (N, T, A))
+    return batches, fwd, train.compute_advantages(cfg, trajs, batches, fwd["boot"], device)

@@ -12,7 +12,8 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from conftest import one_iteration  # noqa: E402
 from step_mdp import Step, Trajectory  # noqa: E402
 
 # per rank: trajectories as (first prompt length, [(action length, observation length), ...]); the ranks differ in
@@ -49,6 +50,7 @@ def models():
 
 
 def main(out, extra):
+    import checkpoint
     import scale
     import train
     rank, world, device = scale.setup_distributed()
@@ -59,13 +61,12 @@ def main(out, extra):
         ref = scale.prepare(ref, cfg, device, train=False)
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=cfg.lr), torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr)
         trajs, pad = synthetic(rank), tok.pad_token_id
-        lps = train.no_grad_pass(cfg, policy, critic, ref, trajs, pad, device)
-        adv = train.compute_advantages(cfg, trajs, lps, device)
-        st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, trajs, adv, lps, pad, device, torch.Generator())
+        batches, lps, adv = one_iteration(cfg, policy, critic, ref, trajs, pad, device)
+        st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, batches, device)
         from step_mdp import collate, split_rows
         n_micro = len(split_rows(collate(trajs, pad, pack=cfg.pack), cfg.micro_tokens))
         torch.save({"adv": adv, "lps": lps, "stats": st, "n_micro": n_micro}, os.path.join(out, f"{mode}-rank{rank}.pt"))
-        weights = {"policy": scale.full_state_dict(policy), "critic": scale.full_state_dict(critic)}
+        weights = {"policy": checkpoint.full_state_dict(policy), "critic": checkpoint.full_state_dict(critic)}
         if rank == 0:
             torch.save(weights, os.path.join(out, f"{mode}-weights.pt"))
     torch.distributed.barrier()  # leave together (see the end of train.main)

@@ -42,7 +42,7 @@ def check(out, flags):
         result["buffers_equal"] = all(torch.equal(b, dict(want.named_buffers())[n]) for n, b in policy.named_buffers())
         result["lm_head_is_embedding"] = torch.equal(got["policy"]["lm_head.weight"], got["policy"]["model.embed_tokens.weight"])
         json.dump(result, open(os.path.join(out, "check.json"), "w"))
-    scale.shutdown(None)
+    scale.teardown()
 
 
 if __name__ == "__main__":

@@ -214,8 +214,8 @@ def test_alfworld_games_are_dealt_round_robin_over_task_types(small_pools):
 
 
 def test_alfworld_memoised_templates_play_the_same_text(small_pools, monkeypatch):
-    """envs/alfworld.py memoises TextWorld's template parser; TextWorld's own parser gives the same observations."""
-    from envs import alfworld
+    """envs/alfworld_tw.py memoises TextWorld's template parser; TextWorld's own parser gives the same observations."""
+    from envs import alfworld_tw
     def play():
         env, texts = envs.make("alfworld", n_games=12, cache_dir=small_pools[2], max_steps=6), []
         for seed in range(3):
@@ -229,7 +229,7 @@ def test_alfworld_memoised_templates_play_the_same_text(small_pools, monkeypatch
                     break
         return texts
     fast = play()
-    monkeypatch.setattr(alfworld.pddl_textgen, "_parse_and_convert", alfworld._parse_cached.__wrapped__)
+    monkeypatch.setattr(alfworld_tw.pddl_textgen, "_parse_and_convert", alfworld_tw._parse_cached.__wrapped__)
     assert play() == fast
 
 

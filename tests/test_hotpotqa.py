@@ -330,8 +330,8 @@ def test_collect_in_tool_mode_is_token_in_token_out(sample, tiny, qwen_style):
 
 @pytest.mark.parametrize("kwargs,flags", [
     ({}, []),
-    ({"action_format": "tool", "invalid_penalty": 0.1},
-     ["--context", "window", "--estimator", "grpo", "--loss", "token"])])
+    ({"action_format": "tool", "invalid_penalty": 0.1},  # a tool call is ~53 tokens with the tiny tokenizer
+     ["--context", "window", "--estimator", "grpo", "--loss", "token", "--max-new-tokens", "64"])])
 def test_train_runs_end_to_end(sample, tmp_path, kwargs, flags):
     from test_train import TINY
     out = str(tmp_path / "run")

@@ -8,15 +8,14 @@ from safetensors.torch import load_file
 
 import scale
 import train
-from conftest import CountEnv, forward_logprobs, metric_rows, torchrun_train
+from conftest import CountEnv, assert_same_metrics, one_iteration, forward_logprobs, metric_rows, torchrun_train
 from dist_worker import ARGS, synthetic
 from model import adapters_off, add_adapters, load_critic, load_policy, lora_scale, merged_weights, save_adapter
 
 CPU = torch.device("cpu")
-RUN = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
+RUN = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "10",
        "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2",
        "--env-kwargs", '{"invalid_penalty": 0.1}', "--lora-rank", "4", "--kl-coef", "0.01"]
-TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s"}
 
 
 def adapted(seed=0, rank=4, alpha=8.0):
@@ -101,7 +100,7 @@ def test_an_update_changes_only_the_adapters_and_the_value_head(dtype, one_threa
     trajs = synthetic(0) + synthetic(1)
     train.warm_start(cfg, policy, torch.optim.AdamW(scale.trained(policy), lr=1e-2), trajs, tok.pad_token_id, CPU,
                      torch.Generator())
-    fwd = train.no_grad_pass(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
+    batches, fwd, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
     base, _ = load_policy("tiny", dtype=scale.DTYPES[dtype])
     for t in trajs[:2] if dtype == "fp32" else []:  # (bf16: autocast here, not in a plain forward)  # ref_lp: the base model's log-probs of each step's actions
         for s, step in enumerate(t.steps):
@@ -109,10 +108,9 @@ def test_an_update_changes_only_the_adapters_and_the_value_head(dtype, one_threa
             want = forward_logprobs(base, step.prompt_ids, step.action_ids)
             assert torch.allclose(fwd["ref_lp"][k, s, :len(step.action_ids)], want, atol=1e-5)
     assert not torch.allclose(fwd["ref_lp"], fwd["old_lp"], atol=1e-3)  # the warm start moved the adapters
-    adv = train.compute_advantages(cfg, trajs, fwd, CPU)
     opt_p, opt_c = torch.optim.AdamW(scale.trained(policy), lr=1e-2), torch.optim.AdamW(scale.trained(critic), lr=1e-2)
     for _ in range(2):  # B starts at 0, so A's gradient is 0 in an adapter's first step
-        train.update(cfg, policy, critic, opt_p, opt_c, trajs, adv, fwd, tok.pad_token_id, CPU, torch.Generator())
+        train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
     for name, model in (("policy", policy), ("critic", critic)):
         for k, v in model.state_dict().items():
             trains = ".lora_" in k or k.startswith("head.")
@@ -140,8 +138,7 @@ def test_lora_run_resumes_exactly_and_writes_a_merged_final_with_its_adapter(tmp
     train.main(train.parse_config([*RUN, "--out", cut, "--resume"]))
     rows, resumed = metric_rows(full), metric_rows(cut)
     assert [r["iter"] for r in rows] == [0, 1, 2] and rows[0]["kl_ref"] > 0
-    for a, b in zip(rows, resumed):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    assert_same_metrics(rows, resumed, exact=True)
     final = AutoModelForCausalLM.from_pretrained(os.path.join(full, "final"))
     adapter = load_file(os.path.join(full, "final", "adapter", "adapter_model.safetensors"))
     base, _ = load_policy("tiny")
@@ -176,9 +173,7 @@ def test_lora_under_fsdp_bf16_two_processes_resumes_exactly(tmp_path):
     shutil.copytree(os.path.join(full, "ckpt-0"), os.path.join(cut, "ckpt-0"))
     r = torchrun_train([*flags, "--out", cut, "--resume"], port=29552)
     assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(rows, metric_rows(cut)):
-        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
-            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+    assert_same_metrics(rows, metric_rows(cut))
     a, b = load_policy(os.path.join(full, "final"))[0], load_policy(os.path.join(cut, "final"))[0]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert os.path.isfile(os.path.join(full, "final", "adapter", "adapter_model.safetensors"))

@@ -1,5 +1,6 @@
 """Running at scale (scale.py, --fsdp / --dtype / --grad-ckpt / --micro-tokens / --vllm-sleep / sharded checkpoints):
 what is computed must not change, only where and in how many pieces."""
+import copy
 import json
 import os
 import shutil
@@ -9,16 +10,16 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import scale
 import train
-from conftest import ROOT, forward_logprobs, metric_rows, sigterm_after_two_rows, torchrun_train
+from conftest import ROOT, TIMING, assert_same_metrics, forward_logprobs, one_iteration, metric_rows, sigterm_after_two_rows, torchrun_train
 from dist_worker import ARGS, MODES, models, synthetic
 from step_mdp import collate, split_rows
-from steppo_loss import step_logprobs
+from model import step_logprobs
 
-TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "8",
+TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "10",
         "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
-TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s"}
 CPU = torch.device("cpu")
 
 
@@ -65,10 +66,9 @@ def _update(flags, trajs, micro_tokens):
     """One update of fresh tiny models with SGD; returns (stats, policy weights, critic weights, adv, lps)."""
     cfg = train.parse_config(ARGS + flags + ["--micro-tokens", str(micro_tokens)])
     policy, critic, ref, tok = models()
-    lps = train.no_grad_pass(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
-    adv = train.compute_advantages(cfg, trajs, lps, CPU)
+    batches, lps, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
     opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
-    st = train.update(cfg, policy, critic, opt_p, opt_c, trajs, adv, lps, tok.pad_token_id, CPU, torch.Generator())
+    st = train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
     return st, policy.state_dict(), critic.state_dict(), adv, lps
 
 
@@ -123,19 +123,18 @@ def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
         cfg = train.parse_config(ARGS + [f for f in flags if f != "--fsdp"] + ["--micro-tokens", "0", "--max-grad-norm", "1e9"])
         policy, critic, ref, tok = models()  # whitening over both processes' steps = over all of them in one place
         both = trajs[0] + trajs[1]
-        adv = train.compute_advantages(cfg, both, train.no_grad_pass(cfg, policy, critic, ref, both, tok.pad_token_id, CPU),
-                                       CPU)["adv_step"]
+        adv = one_iteration(cfg, policy, critic, ref, both, tok.pad_token_id, CPU)[2]["adv_step"]
         for r, rows in ((0, slice(0, len(trajs[0]))), (1, slice(len(trajs[0]), None))):
             mine = got[r]["adv"]["adv_step"]
             assert torch.allclose(mine, adv[rows, :mine.shape[1]], atol=1e-5)
         step = {}  # each process's unclipped SGD step, in one process, from the same advantages
         for r in (0, 1):
             policy, critic, ref, tok = models()
-            lps = train.no_grad_pass(cfg, policy, critic, ref, trajs[r], tok.pad_token_id, CPU)
+            batches, lps, _ = one_iteration(cfg, policy, critic, ref, trajs[r], tok.pad_token_id, CPU)
             assert torch.allclose(lps["old_lp"], got[r]["lps"]["old_lp"], atol=1e-5)
+            train.attach(batches, got[r]["adv"], ("adv_step", "adv_tok", "ret_step", "ret_tok"), CPU)  # whitened over both
             opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
-            train.update(cfg, policy, critic, opt_p, opt_c, trajs[r], got[r]["adv"], lps, tok.pad_token_id, CPU,
-                         torch.Generator())
+            train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
             step[r] = {"policy": dict(policy.named_parameters()), "critic": dict(critic.named_parameters())}
         weights = torch.load(tmp_path / f"{mode}-weights.pt", weights_only=False)
         for part, start in (("policy", init[0]), ("critic", init[1])):
@@ -176,9 +175,7 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert f"{os.path.join(cut, 'ckpt-0')} at iteration 1" in r.stdout  # every process fell back to ckpt-0 together
     resumed = metric_rows(cut)
     assert [row["iter"] for row in resumed] == [0, 1, 2]
-    for a, b in zip(rows, resumed):
-        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
-            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+    assert_same_metrics(rows, resumed)
     from model import load_policy  # final/ is a whole model gathered from the shards
     a, b = load_policy(os.path.join(full, "final"))[0], load_policy(os.path.join(cut, "final"))[0]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -219,6 +216,7 @@ def test_sharded_load_fills_every_shard_from_one_reader(tmp_path):
         _sharded_worker(mode, tmp_path, flags, port)
         rows[mode] = [{k: v for k, v in r.items() if k not in TIMING} for r in metric_rows(str(tmp_path / mode))]
     assert len(rows["train-sharded"]) == 3 and rows["train-sharded"][0]["value_loss"] > 0
+    assert len(rows["train-full"]) == 3
     for a, b in zip(rows["train-sharded"], rows["train-full"]):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
 
@@ -240,17 +238,15 @@ def test_sigterm_under_torchrun_every_process_checkpoints_and_stops(tmp_path):
     full = str(tmp_path / "full")
     r = torchrun_train([*flags, "--iters", str(n), "--out", full], port=29543)
     assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(metric_rows(full), metric_rows(out)):
-        assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
-            {k: v for k, v in b.items() if k not in TIMING}, rel=1e-6, abs=1e-9)
+    assert_same_metrics(metric_rows(full), metric_rows(out))
 
 def test_checkpoints_keep_the_newest_two_and_save_every(tmp_path):
     out = str(tmp_path / "run")
     train.main(train.parse_config(TINY + ["--iters", "4", "--save-every", "3", "--out", out]))
     assert sorted(d for d in os.listdir(out) if d.startswith("ckpt")) == ["ckpt-2", "ckpt-3"]  # every 3rd and the last
-    meta = scale.read_meta(os.path.join(out, "ckpt-3"))
+    meta = checkpoint.read_meta(os.path.join(out, "ckpt-3"))
     assert meta["iter"] == 3 and [r["iter"] for r in meta["history"]] == [0, 1, 2, 3]
-    assert scale.checkpoints(out) == [os.path.join(out, "ckpt-2"), os.path.join(out, "ckpt-3")]
+    assert checkpoint.checkpoints(out) == [os.path.join(out, "ckpt-2"), os.path.join(out, "ckpt-3")]
 
 
 def test_critic_can_be_another_model(tmp_path, tiny):
@@ -338,3 +334,52 @@ def test_gpu_smoke_runs_every_setting_at_toy_size_on_cpu(tmp_path):
         assert len(s["seconds"]) == 2 and set(s["seconds"][0]) == {"rollout", "forward", "credit", "update", "sync"}
         assert s["peak_gib"]["max"] > 0 and min(s["gen_tokens_per_s"]) > 0 and min(s["train_tokens_per_s"]) > 0
         assert s["skipped_updates"] == 0
+
+
+def test_bf16_twin_computes_in_bf16_and_steps_fp32_masters():
+    """--dtype bf16 in one process: the losses call a bf16 twin; its gradients land, in fp32, on the fp32 masters (two
+    micro-batches accumulate in fp32: the master's gradient is the sum of the twin's two, each cast once), AdamW's
+    states are fp32, and after the step the twin holds the masters' new weights rounded to bf16. The value head and
+    the rotary buffers stay fp32."""
+    cfg = train.parse_config(["--dtype", "bf16", "--micro-tokens", "30"])
+    policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, CPU, "step")
+    assert policy_ddp is not policy and critic_ddp is not critic
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in policy_ddp.parameters()} == {torch.bfloat16}
+    assert critic_ddp.head.weight.dtype == torch.float32 and critic_ddp.backbone.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for _, b in policy_ddp.named_buffers())  # rotary inv_freq, not rounded
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    trajs = synthetic(0) + synthetic(1)
+    b = collate(trajs, tok.pad_token_id, pack=True)
+    parts = split_rows(b, 30)
+    assert len(parts) >= 2
+    want = [torch.zeros_like(p) for p in policy.parameters()]
+    for mb in parts:  # the twin's gradient of each micro-batch on its own, summed in fp32
+        twin = copy.deepcopy(policy_ddp)
+        (step_logprobs(twin, mb, False)[0] * mb.action_step_mask).sum().backward()
+        for w, t in zip(want, twin.parameters()):
+            w += t.grad.float() if t.grad is not None else 0
+    for mb in parts:
+        (step_logprobs(policy_ddp, mb, False)[0] * mb.action_step_mask).sum().backward()
+    assert all(t.grad is None for t in policy_ddp.parameters())  # moved to the masters as soon as accumulated
+    assert all(torch.equal(p.grad, w) for p, w in zip(policy.parameters(), want))
+    opt = scale.adamw(scale.trained(policy), 1e-3, cfg)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    assert scale.optimizer_step(opt, policy_ddp, 1.0)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
+    assert all(torch.equal(t, p.to(torch.bfloat16)) for t, p in zip(policy_ddp.parameters(), policy.parameters()))
+
+
+def test_bf16_run_resumes_exactly_and_its_engine_matches_the_trainer(tmp_path):
+    """A one-process --dtype bf16 run: the HF engine generates with the bf16 twin, so engine_kl is bf16 noise at most,
+    and --resume (masters and Adam states from the checkpoint, the twin refreshed from them) continues exactly."""
+    flags = [*TINY, "--dtype", "bf16", "--micro-tokens", "64", "--iters", "3"]
+    full = str(tmp_path / "full")
+    train.main(train.parse_config([*flags, "--out", full]))
+    cut = str(tmp_path / "cut")
+    train.main(train.parse_config([*flags, "--out", cut, "--iters", "1"]))
+    train.main(train.parse_config([*flags, "--out", cut, "--resume"]))
+    rows = metric_rows(full)
+    assert len(rows) == 4 and all(abs(r["engine_kl"]) < 1e-3 for r in rows if "engine_kl" in r)
+    assert_same_metrics(rows, metric_rows(cut), exact=True)

@@ -91,7 +91,7 @@ def test_two_process_run_with_colocated_vllm_engines(tmp_path):
     """torchrun, 2 processes, one vLLM engine each (inside the trainer's process group), clean shutdown."""
     out = str(tmp_path / "ddp")
     r = torchrun_train(["--engine", "vllm", "--iters", "2", "--envs-per-iter", "4", "--group-size", "2",
-                        "--max-steps", "2", "--max-new-tokens", "8", "--sft-steps", "2", "--sft-episodes", "4",
+                        "--max-steps", "2", "--max-new-tokens", "10", "--sft-steps", "2", "--sft-episodes", "4",
                         "--eval-episodes", "2", "--out", out], port=29521)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [row["iter"] for row in metric_rows(out)] == [0, 1, 2]
@@ -104,7 +104,7 @@ def test_fsdp_bf16_run_streams_gathered_weights_into_vllm(tmp_path):
     sleep mode: --vllm-sleep falls back to 0 and says so."""
     out = str(tmp_path / "fsdp")
     r = torchrun_train(["--engine", "vllm", "--iters", "2", "--envs-per-iter", "4", "--group-size", "2",
-                        "--max-steps", "2", "--max-new-tokens", "8", "--sft-steps", "20", "--sft-episodes", "4",
+                        "--max-steps", "2", "--max-new-tokens", "10", "--sft-steps", "20", "--sft-episodes", "4",
                         "--eval-episodes", "2", "--fsdp", "--dtype", "bf16", "--micro-tokens", "64",
                         "--vllm-sleep", "2", "--out", out], port=29522)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -238,7 +238,7 @@ def test_train_runs_on_the_webshop_sample_end_to_end(sample, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--env", "webshop", "--env-kwargs", json.dumps({"data_dir": folder}),
                         "--iters", "1", "--envs-per-iter", "4", "--group-size", "2", "--sft-steps", "2",
                         "--sft-batch-size", "2", "--sft-episodes", "8", "--eval-episodes", "4", "--max-steps", "6",
-                        "--max-new-tokens", "24", "--context", "window", "--micro-tokens", "8192", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        "--max-new-tokens", "48", "--context", "window", "--micro-tokens", "8192", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "STEPPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -1,0 +1,148 @@
+"""How close the trainer gets to the CPU's own limit: GEMM rates, then SmolLM2-135M's update, no-grad pass and
+generation, each as a fraction of the GEMM rate measured in the same run.
+
+    python bench/bench_cpu_limit.py                          # SmolLM2-135M, fp32 and bf16 -> bench/results/cpu_limit.json
+    python bench/bench_cpu_limit.py --model tiny --dtypes bf16 --json-out /tmp/x.json    # a quick look
+
+The machine's limit: the best of 10 square 2048 x 2048 matrix products (2 M N K FLOP each) in fp32 and in bf16, on
+every thread torch uses. The work is train.py's own functions on train.py's layout (`scale.load_models`: under
+--dtype bf16 one process computes with a bf16 twin over fp32 master weights), on multihop:
+- update (`train.update`, policy + critic, AdamW steps included): tokens/s over the collated rows' tokens, FLOP/s =
+  6 x (policy + critic parameters) x tokens; the first call (the optimisers' state is allocated) is not timed;
+- no-grad pass (`train.no_grad_pass`: pi_old, reference, critic): FLOP/s = 2 x (policy + reference + critic) x tokens;
+- generation (`rollout.collect`, HF engine with cross-turn KV reuse, sampled, 16 episodes of 4 turns x 32 tokens):
+  generated tokens/s, FLOP/s = 2 x policy parameters x (prefilled + generated tokens).
+The update and the no-grad pass run on 16 expert episodes (the length of a warm-started policy's: 2-5 turns,
+~150-250 tokens with SmolLM2's tokenizer), 2 minibatches of 8, --micro-tokens 4096 (the LM head at action tokens).
+Results, with the CPU model and library versions: docs/benchmarks.md.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import envs  # noqa: E402
+import records  # noqa: E402
+import scale  # noqa: E402
+import train  # noqa: E402
+from model import pad_id as get_pad_id  # noqa: E402
+from rollout import HFEngine, collect  # noqa: E402
+
+
+def gemm_rate(dtype, n=2048, reps=10) -> float:
+    """GFLOP/s of the best of `reps` n x n x n products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters()) if model is not None else 0
+
+
+def best_of(fn, reps):
+    """(the fastest of `reps` calls' seconds, its result)."""
+    best, out = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def measure(model_name: str, dtype: str, episodes: int, reps: int) -> dict:
+    cfg = train.parse_config(["--model", model_name, "--dtype", dtype, "--micro-tokens", "4096",
+                              "--envs-per-iter", str(episodes), "--out", "/tmp/bench_cpu_limit"])
+    device = torch.device("cpu")
+    policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, device, "step")
+    computes, pad_id = scale.unwrap(policy_ddp), get_pad_id(tok)
+    opt_p, opt_c = scale.adamw(scale.trained(policy), cfg.lr, cfg), scale.adamw(scale.trained(critic), cfg.critic_lr, cfg)
+    P_pol, P_crit, P_ref = n_params(policy), n_params(critic), n_params(ref)
+    env_list = [envs.make("multihop", split="train") for _ in range(episodes)]
+    computes.eval()
+
+    # generation: sampled, reuse on, untrained responses rarely parse, so episodes run their 4 turns (a steady load)
+    engine = HFEngine(computes, tok, reuse_cache=True)
+    collect(engine, env_list[:2], tok, [0, 1], 2, 8, 1.0, seed=0)  # warm-up
+    engine.sync(computes)
+    engine.prefilled, t = 0, time.perf_counter()
+    gen = collect(engine, env_list, tok, list(range(episodes)), 4, 32, 1.0, seed=1)
+    t_gen = time.perf_counter() - t
+    generated = sum(len(s.action_ids) for tr in gen for s in tr.steps)
+
+    # the update's data: expert episodes (a warm-started policy's lengths)
+    trajs = collect(engine, env_list, tok, [10_000_000 + i for i in range(episodes)], 8, 256, 0.0, expert=True)
+    batches = train.minibatches(cfg, trajs, pad_id, device, torch.Generator().manual_seed(0))
+    tokens = sum(int(m.b.attention_mask.sum()) for mb in batches for m in mb if m.real)
+    computes.train()
+    nograd = lambda: train.no_grad_pass(cfg, computes, scale.unwrap(critic_ddp), ref, batches, trajs, pad_id, device)  # noqa: E731
+    nograd()
+    t_fwd, fwd = best_of(nograd, reps)
+    train.compute_advantages(cfg, trajs, batches, fwd["boot"], device)
+    upd = lambda: train.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, device)  # noqa: E731
+    upd()  # the optimisers allocate their state
+    t_upd, st = best_of(upd, reps)
+    assert st["train_tokens"] == tokens
+    return {"dtype": dtype, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
+            "update": {"tokens": tokens, "seconds": t_upd, "tokens_per_s": tokens / t_upd,
+                       "gflop_per_s": 6 * (P_pol + P_crit) * tokens / t_upd / 1e9},
+            "no_grad_pass": {"tokens": tokens, "seconds": t_fwd, "tokens_per_s": tokens / t_fwd,
+                             "gflop_per_s": 2 * (P_pol + P_crit + P_ref) * tokens / t_fwd / 1e9},
+            "generation": {"episodes": episodes, "generated": generated, "prefilled": engine.prefilled,
+                           "seconds": t_gen, "tokens_per_s": generated / t_gen,
+                           "gflop_per_s": 2 * P_pol * (generated + engine.prefilled) / t_gen / 1e9}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--episodes", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=2, help="timed repeats of the update and the no-grad pass (best kept)")
+    ap.add_argument("--json-out", default=os.path.join(ROOT, "bench", "results", "cpu_limit.json"))
+    args = ap.parse_args()
+    gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    print(f"GEMM 2048^3: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s", flush=True)
+    runs = []
+    for dtype in args.dtypes.split(","):
+        r = measure(args.model, dtype, args.episodes, args.reps)
+        for part in ("update", "no_grad_pass", "generation"):
+            r[part]["of_bf16_gemm"] = r[part]["gflop_per_s"] / gemm["bf16"]
+            r[part]["of_own_gemm"] = r[part]["gflop_per_s"] / gemm[dtype]
+            print(f"{dtype} {part}: {r[part]['tokens_per_s']:.0f} tokens/s, {r[part]['gflop_per_s']:.0f} GFLOP/s = "
+                  f"{100 * r[part]['of_bf16_gemm']:.0f}% of the bf16 GEMM rate", flush=True)
+        runs.append(r)
+    by = {r["dtype"]: r for r in runs}
+    speedup = ({p: by["bf16"][p]["tokens_per_s"] / by["fp32"][p]["tokens_per_s"] for p in ("update", "no_grad_pass", "generation")}
+               if {"fp32", "bf16"} <= set(by) else None)
+    if speedup:
+        print("bf16 / fp32 tokens/s: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()))
+    import importlib.metadata
+    versions = {n: importlib.metadata.version(n) for n in ("torch", "transformers")}
+    record = {"model": args.model, "machine": records.run_record(train.Config())["cpu"], "threads": torch.get_num_threads(),
+              "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+              "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+              "python": platform.python_version(), "versions": versions, "date": time.strftime("%Y-%m-%d"),
+              "gemm_gflop_per_s": gemm, "runs": runs, "bf16_over_fp32": speedup}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"-> {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
