@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,7 +41,7 @@ def finished_only(trajs, max_env_errors: float, device, what: str):
     left here."""
     errored = report_env_errors(trajs, what, "left out")
     kept = [t for t in trajs if not t.error]
-    n_err, n, none_left = all_sum([len(errored), len(trajs), float(not kept)], device)
+    n_err, n, none_left = all_sum([len(errored), len(trajs), float(bool(trajs) and not kept)], device)
     if n_err > max_env_errors * n or none_left:
         raise SystemExit(f"error: {what}: {n_err:.0f} of {n:.0f} episodes ended by an environment error (more than "
                          f"--max-env-errors {max_env_errors}, or a process has none left): the env is broken")
@@ -57,9 +58,10 @@ def rollout_stats(trajs, device) -> dict:
         [sum(t.success for t in trajs), sum(t.total_reward for t in trajs), len(steps),
          sum(bool(s.info.get("invalid")) for s in steps), len(trajs), sum(len(g) == 2 for g in groups.values()),
          len(groups)], device)
-    cut = all_sum([sum(bool(s.info.get("cut")) for s in steps)], device)[0]
+    cut, budget = all_sum([sum(bool(s.info.get("cut")) for s in steps), sum(t.end == "token_budget" for t in trajs)], device)
     return dict(success_rate=won / n, mean_return=ret / n, mean_steps=n_steps / n, invalid_rate=invalid / n_steps,
-                cut_rate=cut / n_steps, mixed_groups=mixed / max(n_groups, 1), **score_stats(trajs, device))
+                cut_rate=cut / n_steps, mixed_groups=mixed / max(n_groups, 1), **score_stats(trajs, device),
+                **({"token_budget_rate": budget / n} if budget else {}))
 
 
 def score_stats(trajs, device, key="score") -> dict:
@@ -76,7 +78,30 @@ def eval_stats(trajs, device) -> dict:
     errored = report_env_errors(trajs, "evaluation", "counted as failures")
     won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
     return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {}),
-            **score_stats(trajs, device, "eval_score")}
+            **score_stats(trajs, device, "eval_score"), **per_type(trajs)}
+
+
+def task_type(traj) -> str | None:
+    """The env's info["task_type"] of an episode (its last step's), None where the env declares none."""
+    return traj.steps[-1].info.get("task_type") if traj.steps else None
+
+
+def per_type(trajs) -> dict:
+    """eval_success_rate_<type> (and eval_score_<type> where the env reports a score) over every process's evaluation
+    episodes, for envs that declare a task type (the ALFWorld, GiGPO and StepPO papers report ALFWorld per type)."""
+    key = lambda kind: re.sub(r"\W+", "_", str(kind)).strip("_").lower() if kind else None  # noqa: E731 (a key)
+    mine = [(key(task_type(t)), float(t.success), t.steps[-1].info.get("score") if t.steps else None) for t in trajs]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        mine = [x for part in parts for x in part]
+    out = {}
+    for kind in sorted({k for k, _, _ in mine if k}):
+        won = [w for k, w, _ in mine if k == kind]
+        scores = [s for k, _, s in mine if k == kind and isinstance(s, (int, float))]
+        out[f"eval_success_rate_{kind}"] = sum(won) / len(won)
+        out.update({f"eval_score_{kind}": sum(scores) / len(scores)} if scores else {})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ episodes
@@ -100,7 +125,8 @@ def episode_records(it: int, split: str, trajs, numbers=None) -> list[dict]:
                           "invalid": bool(s.info.get("invalid")), "reward": _num(s.reward),
                           **{k: _num(v) if isinstance(v, float) else v for k, v in nums.items()}})
         last = tr.steps[-1].info if tr.steps else {}
-        out.append({"iter": it, "split": split, "task_id": tr.task_id, "seed": tr.seed, "success": bool(tr.success),
+        out.append({"iter": it, "split": split, "task_id": tr.task_id, "task_type": task_type(tr), "seed": tr.seed,
+                    "success": bool(tr.success),
                     "score": _num(last.get("score")) if isinstance(last.get("score"), (int, float)) else None,
                     "total_reward": _num(tr.total_reward), "end": tr.end,
                     "error": (tr.error or "").strip().splitlines()[-1][:300] if tr.error else None,

@@ -316,6 +316,7 @@ class Episode:
     won: bool = False
     error: str | None = None  # the traceback of an exception the env raised: the episode ended there
     seed: int | None = None  # the task seed it was reset with
+    generated: int = 0  # response tokens so far (the --max-episode-tokens budget)
 
 
 def ending(e: Episode) -> str:
@@ -325,7 +326,8 @@ def ending(e: Episode) -> str:
         return "env_error"
     if e.done:
         return "terminated"
-    return "context" if e.steps and e.steps[-1].info.get("context_limit") else "step_limit"
+    last = e.steps[-1].info if e.steps else {}
+    return "context" if last.get("context_limit") else "token_budget" if last.get("token_budget") else "step_limit"
 
 
 def env_error(env, seed, where: str) -> str:
@@ -335,7 +337,8 @@ def env_error(env, seed, where: str) -> str:
 
 def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max_new_tokens: int,
             temperature: float, context: str = "full", top_p: float = 1.0, window: int = 3,
-            max_len: int | None = None, seed: int | None = None, expert: bool = False) -> list[Trajectory]:
+            max_len: int | None = None, seed: int | None = None, expert: bool = False,
+            max_episode_tokens: int = 0) -> list[Trajectory]:
     """Play one episode per seed, `len(envs)` at a time, and return one Trajectory per seed (in seed order).
 
     Each turn sends the prompts of all live episodes to `engine.generate` as one batch. An episode ends when the
@@ -343,6 +346,8 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     exceed `max_len` (default: the engine's context length; last step gets info["truncated"]=True).
     `seed` makes sampling reproducible: turn t of the g-th batch of envs uses seed + 1_000_003 g + t, so a task
     seed repeated in another batch still samples differently. Repeat a seed to sample a group of the same task.
+    `max_episode_tokens` > 0: an episode's responses together get at most this many tokens (the turn that reaches it
+    is cut to what is left, `info["cut"]`); then it ends, truncated (`info["token_budget"]`, Trajectory.end).
     `expert=True` plays the env's `info["expert"]` responses instead of sampling (warm-start demonstrations):
     their ids + the end-of-turn token, with log-probs 0; the engine is not called; an episode ends at the first
     state without an expert action.
@@ -392,13 +397,17 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                 outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
                                        seed=None if batch_seed is None else batch_seed + turn)
             for e, (ids, lps) in zip(live, outs):
+                over = bool(max_episode_tokens) and e.generated + len(ids) > max_episode_tokens
+                if over:  # what is left of the budget, as if generation had stopped there (a causal model: the kept
+                    ids, lps = ids[:max_episode_tokens - e.generated], lps[:max_episode_tokens - e.generated]  # tokens
+                e.generated += len(ids)  # and their log-probs are unchanged)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 try:
                     obs, reward, done, info = e.env.step(text)
                 except Exception:
                     e.error, e.live = env_error(e.env, e.seed, "step"), False
                     continue
-                cut = len(ids) >= max_new_tokens and ids[-1] not in eos
+                cut = (len(ids) >= max_new_tokens or over) and ids[-1] not in eos
                 time_limit = bool(info.get("truncated", False))  # the env's own step limit: an end, not a terminal
                 e.steps.append(Step(prompt_ids=e.prompt, action_ids=ids, engine_logprobs=lps, reward=float(reward),
                                     observation=obs, action_text=text, info={**info, "cut": cut, "truncated": time_limit}))
@@ -414,6 +423,9 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
                     e.prompt = first_prompt(tokenizer, e.env.system_prompt, user, getattr(e.env, "tools", None))
                 if done or turn == max_steps - 1:
                     e.steps[-1].info["truncated"] = True  # the env's step limit or --max-steps: truncated, not terminal
+                    e.live = False
+                elif max_episode_tokens and e.generated >= max_episode_tokens:  # the episode's token budget is spent
+                    e.steps[-1].info.update(truncated=True, token_budget=True)
                     e.live = False
                 elif len(e.prompt) + max_new_tokens > max_len:  # the next turn would not fit: end cleanly
                     e.steps[-1].info.update(truncated=True, context_limit=True)

@@ -35,7 +35,7 @@ class Trajectory:
     next_prompt_ids: list[int] | None = None  # s_T, the state after the last step of a cut episode (bootstrap)
     error: str | None = None  # the env raised (rollout.collect): the episode is left out of training
     end: str = ""  # how it ended: "terminated" (the env), "step_limit" (--max-steps or the env's own), "context"
-    #               (the next prompt would not fit), "env_error"
+    #               (the next prompt would not fit), "token_budget" (--max-episode-tokens), "env_error"
     task: str = ""  # the first observation (what step 0 acted on)
     seed: int | None = None  # the task seed the env was reset with
 

@@ -67,6 +67,7 @@ class Config:  # every field is a flag (--env-kwargs ...); its type and bounds a
     group_size: Count = 4  # trajectories per task (GRPO/RLOO/GiGPO groups)
     max_steps: Size = 0  # turns per episode, demonstrations too; 0 = the environment's max_steps
     max_new_tokens: Count = 32  # tokens per response
+    max_episode_tokens: Size = 0  # > 0: an episode's responses together get at most this many tokens, then it ends truncated (TRL's max_completion_length over turns); 0: off
     temperature: NonNegative = 1.0  # sampling temperature for training rollouts (evaluation is greedy)
     gamma: Share = 1.0  # discount per step where an estimator discounts (step_gae, token_gae, reinforce_pp(_baseline), gigpo's step term); the authors' 1.0
     lam: Share = 1.0  # GAE lambda, per step (step_gae, token_gae); the authors' 1.0
@@ -103,6 +104,8 @@ class Config:  # every field is a flag (--env-kwargs ...); its type and bounds a
     resume: bool = False  # continue from the newest <out>/ckpt-<iter>/
     save_every: Count = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
     max_env_errors: Share = 0.5  # stop when more than this share of an iteration's episodes end by an env exception
+    filter_groups: bool = False  # dynamic sampling (DAPO): drop task groups whose members all got one return, play new tasks until --envs-per-iter remain
+    filter_rounds: Size = 3  # --filter-groups: at most this many extra rollout rounds per iteration (veRL's max_num_gen_batches)
     report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: metrics.jsonl's numbers there too
     log_groups: Size = 2  # task groups of each iteration's training episodes kept in <out>/episodes.jsonl (with every evaluation episode; report.html shows them)
 
@@ -202,6 +205,35 @@ def lr_factor(cfg, it: int) -> float:
     p = min(1.0, (it - w) / max(1, cfg.iters - 1 - w))  # 0 after the warm-up, 1 at the last iteration
     shape = 1 - p if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
     return cfg.lr_floor + (1 - cfg.lr_floor) * shape
+
+
+def informative(trajs) -> list:
+    """The trajectories of task groups (by task id) whose members' returns are not all equal: the groups a
+    group-relative advantage (GRPO, RLOO, GiGPO) gets a signal from."""
+    returns = defaultdict(set)
+    for t in trajs:
+        returns[t.task_id].add(round(t.total_reward, 9))
+    return [t for t in trajs if len(returns[t.task_id]) > 1]
+
+
+def dynamic_sampling(cfg, trajs, rng, device, play) -> tuple[list, dict]:
+    """--filter-groups (DAPO, arXiv 2503.14476, 'dynamic sampling'): keep the `informative` groups and play new tasks
+    (`play(seeds, sample_seed)` -> finished trajectories) until --envs-per-iter trajectories are kept or --filter-rounds
+    extra rounds were played; every process plays as many rounds (FSDP gathers weights for each). Returns the kept
+    trajectories (whole groups, at most --envs-per-iter; a process with none keeps its unfiltered first round) and
+    {"filtered_groups": share of the groups seen that were dropped, "sampling_rounds": extra rounds played}."""
+    kept, seen, rounds = informative(trajs), {t.task_id for t in trajs}, 0
+    n_seen, n_dropped = len(seen), len(seen - {t.task_id for t in kept})
+    while rounds < cfg.filter_rounds and all_sum([float(len(kept) < cfg.envs_per_iter)], device)[0]:
+        rounds += 1
+        missing = max(0, cfg.envs_per_iter - len(kept))
+        tasks = [rng.randrange(10_000_000) for _ in range(-(-missing // cfg.group_size))]  # whole groups
+        more = play([s for s in tasks for _ in range(cfg.group_size)], rng.randrange(2**31))  # [] when this process is full
+        good, ids = informative(more), {t.task_id for t in more}
+        n_seen, n_dropped = n_seen + len(ids), n_dropped + len(ids - {t.task_id for t in good})
+        kept += good
+    n_seen, n_dropped = all_sum([n_seen, n_dropped], device)
+    return (kept[:cfg.envs_per_iter] or trajs), {"filtered_groups": n_dropped / max(n_seen, 1), "sampling_rounds": rounds}
 
 
 def set_lr(cfg, it: int, opt_p, opt_c) -> float:
@@ -439,7 +471,7 @@ def rollouts(cfg, engine, models, env_list, tok, seeds, temperature, sample_seed
         m.eval()
     with scale.unsharded(models[0], enabled=cfg.engine == "hf"):  # FSDP2: HF generate without collectives
         trajs = collect(engine, env_list, tok, seeds, max_steps, cfg.max_new_tokens, temperature,  # demos too
-                        context=cfg.context, seed=sample_seed, expert=expert)
+                        context=cfg.context, seed=sample_seed, expert=expert, max_episode_tokens=cfg.max_episode_tokens)
     for m in models:
         m.train()
     return trajs
@@ -548,6 +580,11 @@ def run(cfg: Config, preempted):
         played = rollouts(cfg, engine, models, train_envs, tok, seeds, cfg.temperature, rng.randrange(2**31), max_steps)
         trajs, env_errors = finished_only(played, cfg.max_env_errors, device, f"iteration {it}")  # an env that raised
         #                                                                                         ends its episode only
+        if cfg.filter_groups:  # dynamic sampling: only groups with a return signal train; more tasks fill the batch
+            trajs, sampling = dynamic_sampling(cfg, trajs, rng, device, lambda s, k: finished_only(rollouts(
+                cfg, engine, models, train_envs, tok, s, cfg.temperature, k, max_steps), cfg.max_env_errors, device,
+                f"iteration {it}")[0])
+            row.update(sampling)
         engine.sleep()  # --vllm-sleep: the update gets the engine's memory; sync wakes it
         clock.append(time.time())
         # 3. the minibatches, drawn and collated once; one no-grad pass over them: pi_old and the reference's

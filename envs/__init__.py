@@ -34,6 +34,9 @@ The protocol, complete (what train.py and rollout.py call and read, nothing else
                then keeps the next state, for --bootstrap)
     score      float, a graded outcome of the episode, read from its last step and logged as `score` / `eval_score`
                (WebShop: 100 x the official reward)
+    task_type  str, the kind of task (ALFWorld: pick, look, clean, heat, cool, pick_two; multihop: hops2..hops4;
+               WebShop: the goal's product category), read from the last step: evaluation also reports
+               `eval_success_rate_<type>` (and `eval_score_<type>`) per type
 
 A plugin is found like any Python module: `--env my_module:MyEnv` imports `my_module` from `PYTHONPATH`
 (`PYTHONPATH=/path/to/dir python train.py --env my_module:MyEnv`), an installed package, or the working directory

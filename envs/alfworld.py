@@ -173,6 +173,7 @@ class AlfWorldEnv:
             self._loaded = path
         self._state = self._tw.reset()
         self.task_id = os.path.relpath(path, self.data_dir)
+        self.task_type = TASK_TYPES.get(_task_type(path), _task_type(path))  # the papers' six, per-type evaluation
         intro = self._state["feedback"]
         self.task = intro.split("Your task is to: ", 1)[-1].strip()
         self.obs = intro.split("=-", 1)[-1].split("Your task is to:")[0].strip()
@@ -218,7 +219,7 @@ class AlfWorldEnv:
         admissible = list(self._state["admissible_commands"])
         return dict(task_id=self.task_id, won=self.won, invalid=invalid, admissible=admissible,
                     expert=None if self.done or not plan else "<action>%s</action>" % plan[0],
-                    prompt=self.render_prompt(), action=action, step=self.t)
+                    prompt=self.render_prompt(), action=action, step=self.t, task_type=self.task_type)
 
     def render_prompt(self):
         """The "window" prompt (paper's ALFWorld recipe): task, recent history, observation, admissible."""
@@ -237,5 +238,11 @@ class AlfWorldEnv:
                 "Think briefly if you like, then give exactly one admissible action as <action>...</action>." % adm)
 
 
+TASK_TYPES = {"pick_and_place_simple": "pick", "look_at_obj_in_light": "look", "pick_clean_then_place_in_recep": "clean",
+              "pick_heat_then_place_in_recep": "heat", "pick_cool_then_place_in_recep": "cool",
+              "pick_two_obj_and_place": "pick_two"}  # ALFWorld's task types, as the ALFWorld / GiGPO / StepPO tables name them
+
+
+@functools.lru_cache(maxsize=4096)
 def _task_type(game_path):
     return json.load(open(os.path.join(os.path.dirname(game_path), "traj_data.json")))["task_type"]

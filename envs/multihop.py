@@ -209,7 +209,8 @@ class MultiHopEnv:
 
     def _info(self, invalid):
         return dict(task_id=self.task_id, won=self.won, invalid=invalid, admissible=None,
-                    expert=None if self.done else self._expert(), prompt=self.render_prompt(), step=self.t)
+                    expert=None if self.done else self._expert(), prompt=self.render_prompt(), step=self.t,
+                    task_type="hops%d" % (len(self.path) - 1))  # per-type evaluation: by the number of hops
 
     def render_prompt(self):
         """Self-contained user message: question, all search results so far, the action format."""

@@ -472,7 +472,7 @@ class WebShopEnv:
     def _info(self, invalid, bought=False):
         return dict(task_id=self.task_id, won=self.won, invalid=invalid, admissible=None if bought else self.admissible(),
                     expert=None if self.done else self._expert(), prompt=None if bought else self.render_prompt(),
-                    score=100 * self.score, step=self.t)
+                    score=100 * self.score, step=self.t, task_type=self.goal.get("category") or None)
 
     def render_prompt(self):
         """The window context's user message: instruction, page (clipped), selected options, last actions."""

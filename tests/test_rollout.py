@@ -322,3 +322,24 @@ def forward_logprobs_grad(model, prompt_ids, action_ids):
     ids = torch.tensor([prompt_ids + action_ids])
     lp = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1: -1].float(), -1)
     return lp.gather(1, torch.tensor(action_ids)[:, None]).squeeze(1)
+
+
+def test_the_episode_token_budget_cuts_where_it_should(tiny):
+    """--max-episode-tokens: an episode's responses together get at most the budget; the turn that reaches it is cut
+    to what is left (its kept log-probs unchanged), marked cut, and the episode ends truncated with its next state."""
+    from conftest import CountEnv
+    model, tok = tiny
+    kw = dict(max_steps=4, max_new_tokens=6, temperature=1.0, seed=3)
+    free = collect(HFEngine(model, tok), [CountEnv() for _ in range(3)], tok, [3, 3, 3], **kw)  # 4 turns each
+    budget = 9
+    capped = collect(HFEngine(model, tok), [CountEnv() for _ in range(3)], tok, [3, 3, 3], max_episode_tokens=budget, **kw)
+    assert all(sum(len(s.action_ids) for s in c.steps) <= budget for c in capped)
+    hit = [i for i, c in enumerate(capped) if c.end == "token_budget"]
+    assert hit and all(sum(len(s.action_ids) for s in capped[i].steps) == budget for i in hit)
+    first = min(len(capped[i].steps) for i in hit)  # until the first cut every episode sampled what the free run did
+    for i in (i for i in hit if len(capped[i].steps) == first):
+        c, f, k = capped[i], free[i], first - 1
+        assert not c.terminated and c.next_prompt_ids and c.steps[-1].info["truncated"] and c.steps[-1].info["token_budget"]
+        assert c.steps[-1].action_ids == f.steps[k].action_ids[:len(c.steps[-1].action_ids)]
+        assert c.steps[-1].engine_logprobs == f.steps[k].engine_logprobs[:len(c.steps[-1].action_ids)]
+        assert c.steps[-1].info["cut"] == (len(c.steps[-1].action_ids) < len(f.steps[k].action_ids))

@@ -856,3 +856,76 @@ def test_a_warm_up_resumes_exactly_and_critic_warmup_leaves_the_policy_alone(tmp
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), start.state_dict().values()))  # critic only
     train.main(train.parse_config(TINY + [*flags, "--out", cut, "--resume"]))  # ... and continued
     assert_same_metrics(rows, metric_rows(cut))
+
+
+@pytest.mark.parametrize("env,flags", [("multihop", []), ("alfworld", ["--max-new-tokens", "20"])])
+def test_per_type_evaluation_sums_to_the_overall_rate(tmp_path, env, flags):
+    out, rows = run(tmp_path, "--env", env, "--iters", "1", "--eval-episodes", "12", *flags)
+    evals = [e for e in (json.loads(line) for line in open(os.path.join(out, "episodes.jsonl"))) if e["split"] == "eval"]
+    for row in (r for r in rows if "eval_success_rate" in r):
+        mine = [e for e in evals if e["iter"] == row["iter"]]
+        types = {e["task_type"] for e in mine}
+        assert len(mine) == 12 and None not in types and len(types) >= 2
+        assert {k for k in row if k.startswith("eval_success_rate_")} == {f"eval_success_rate_{t}" for t in types}
+        counts = {t: sum(e["task_type"] == t for e in mine) for t in types}
+        assert sum(row[f"eval_success_rate_{t}"] * n for t, n in counts.items()) / 12 == pytest.approx(row["eval_success_rate"])
+        for t in types:  # each type's rate is its own episodes' share of wins
+            assert row[f"eval_success_rate_{t}"] == pytest.approx(sum(e["success"] for e in mine if e["task_type"] == t) / counts[t])
+    if env == "alfworld":
+        assert types <= {"pick", "look", "clean", "heat", "cool", "pick_two"}
+
+
+def test_per_type_rates_by_hand():
+    from records import eval_stats
+    from step_mdp import Step, Trajectory
+
+    def ep(kind, won, score=None):
+        info = {"task_type": kind, **({"score": score} if score is not None else {})}
+        return Trajectory([Step([1], [2], [0.0], info=info)], "t", terminated=True, success=won)
+    trajs = [ep("Heat", True, 100.0), ep("Heat", False, 40.0), ep("heat", True, 70.0), ep("look", False, 0.0),
+             ep("pick two", True, 90.0)]
+    got = eval_stats(trajs, torch.device("cpu"))
+    assert got["eval_success_rate"] == pytest.approx(3 / 5)
+    assert got["eval_success_rate_heat"] == pytest.approx(2 / 3)  # "Heat" and "heat": one key
+    assert got["eval_score_heat"] == pytest.approx(70.0) and got["eval_score_pick_two"] == 90.0
+    assert got["eval_success_rate_look"] == 0.0 and got["eval_success_rate_pick_two"] == 1.0
+    assert sum(got[f"eval_success_rate_{k}"] * n for k, n in (("heat", 3), ("look", 1), ("pick_two", 1))) / 5 == \
+        pytest.approx(got["eval_success_rate"])
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_fills_the_batch():
+    """--filter-groups with groups known to be uniform (every member the same return) or mixed: uniform groups are
+    dropped, new tasks are played until --envs-per-iter trajectories are kept or --filter-rounds is spent."""
+    import random
+    from step_mdp import Step, Trajectory
+
+    def group(task, returns):
+        return [Trajectory([Step([1], [2], [0.0], reward=r)], f"task-{task}", terminated=True) for r in returns]
+    mixed, uniform = (1.0, 0.0, 0.0, 1.0), (1.0, 1.0, 1.0, 1.0)
+    first = group(0, mixed) + group(1, uniform) + group(2, uniform) + group(3, (0.0,) * 4)  # 1 of 4 groups informative
+    assert [t.task_id for t in train.informative(first)] == ["task-0"] * 4
+    rounds = []
+
+    def play(seeds, sample_seed):  # a new task is mixed when its seed is even, uniform when it is odd
+        rounds.append(list(dict.fromkeys(seeds)))
+        assert all(seeds.count(s) == 4 for s in rounds[-1])  # whole groups of --group-size
+        return [t for s in rounds[-1] for t in group(s, mixed if s % 2 == 0 else uniform)]
+    cfg = train.parse_config(["--envs-per-iter", "16", "--group-size", "4", "--filter-groups", "--filter-rounds", "5"])
+    kept, stats = train.dynamic_sampling(cfg, first, random.Random(0), torch.device("cpu"), play)
+    new = [s for r in rounds for s in r]
+    assert len(rounds[0]) == 3 and stats["sampling_rounds"] == len(rounds) <= 5  # 12 trajectories were missing
+    assert len(kept) == 16 and all(len({t.total_reward for t in kept if t.task_id == k}) == 2
+                                   for k in {t.task_id for t in kept})  # 4 mixed groups, whole
+    assert stats["filtered_groups"] == pytest.approx((3 + sum(s % 2 for s in new)) / (4 + len(new)))
+    never = train.parse_config(["--envs-per-iter", "16", "--group-size", "4", "--filter-groups", "--filter-rounds", "2"])
+    kept, stats = train.dynamic_sampling(never, first, random.Random(0), torch.device("cpu"),
+                                         lambda s, k: [t for g in range(len(s) // 4) for t in group(100 + g, uniform)])
+    assert len(kept) == 4 and stats["sampling_rounds"] == 2  # the bound: what is informative after 2 rounds trains
+    none, _ = train.dynamic_sampling(never, group(1, uniform), random.Random(0), torch.device("cpu"), lambda s, k: [])
+    assert len(none) == 4  # nothing informative at all: the first round's batch, unfiltered
+
+
+def test_filter_groups_runs_end_to_end(tmp_path):
+    _, rows = run(tmp_path, "--filter-groups", "--filter-rounds", "1", "--env-kwargs", '{"invalid_penalty": 0.1}')
+    trained = [r for r in rows if "policy_loss" in r]
+    assert len(trained) == 2 and all(0 <= r["filtered_groups"] <= 1 and r["sampling_rounds"] in (0, 1) for r in trained)
