@@ -630,6 +630,7 @@ def run(cfg: Config, preempted):
                 print(f"stopped by {preempted.name} after iteration {it}: checkpoint {cfg.out}/ckpt-{it}; continue with "
                       f"--resume", file=sys.stderr)
             engine.close()
+            del policy_ddp, critic_ddp  # DDP's reducer holds the process group: freed before the group is destroyed
             scale.teardown()
             raise SystemExit(preempted.exit_code)
     bar.close()
@@ -642,7 +643,8 @@ def run(cfg: Config, preempted):
         ev = [r["eval_success_rate"] for r in history if "eval_success_rate" in r]
         print(f"eval success rate: start {ev[0]:.2f} -> end {ev[-1]:.2f}; outputs in {cfg.out}/")
     engine.close()
-    scale.teardown()
+    del policy_ddp, critic_ddp  # DDP's reducer holds the process group: freed before the group is destroyed (gloo
+    scale.teardown()  # could otherwise hang in the group's destructor once the other process has left)
 
 
 if __name__ == "__main__":
