@@ -134,6 +134,42 @@ def episode_records(it: int, split: str, trajs, numbers=None) -> list[dict]:
     return out
 
 
+def step_numbers(batches, critic: str, wanted) -> dict:
+    """{(i, t): the numbers the update used for step t of trajectory i}, for the trajectories in `wanted`, read from the
+    iteration's micro-batches (train.Micro: what no_grad_pass, compute_advantages and update left on them): V(s_t),
+    the advantage (the step's; a per-token estimator's step mean), the critic's return target (its mean over the
+    step's tokens for a token critic; critic: the estimator's "step" | "token" | ""), the first pass's ratio and share
+    clipped, the trainer's (pi_old) and the engine's log-probability of the whole action, and the step's engine_kl
+    (k3 over its tokens)."""
+    out = {}
+    for m in (m for mb in batches for m in mb if m.real):
+        gi = m.gi.tolist()
+        if not wanted.intersection(gi):  # nothing of this micro-batch is logged
+            continue
+        o, mask = m.out, m.b.action_step_mask
+        n = mask.sum(1).clamp(min=1)
+        eng = m.b.gather_steps(m.b.engine_logprobs)
+        d = (o["old_lp"] - eng) * mask
+        cols = {"value": o["v_step"] if critic else None, "advantage": o["adv_step"],
+                "return": o["ret_step"] if critic == "step" else (o["ret_tok"] * mask).sum(1) / n if critic else None,
+                "ratio": o.get("ratio"), "clipped": o.get("clipped"), "logprob": o["old_lp"].sum(1),
+                "engine_logprob": eng.sum(1), "engine_kl": ((d.exp() - d - 1) * mask).sum(1) / n}
+        cols = {k: v.float().cpu().tolist() if v is not None else None for k, v in cols.items()}
+        for k, key in enumerate(zip(gi, m.si.tolist())):
+            if key[0] in wanted:
+                out[key] = {name: v[k] if v is not None else None for name, v in cols.items()}
+    return out
+
+
+def train_episodes(it: int, shown, trajs, batches, critic: str) -> list[dict]:
+    """The episode records of training episodes `shown` (a prefix of the iteration's played episodes: whole task
+    groups), each step of those trained on (`trajs`: env errors left out) with the numbers the update used."""
+    kept = {id(t): i for i, t in enumerate(trajs)}  # an episode's position among the trained ones
+    nums = step_numbers(batches, critic, {kept[id(t)] for t in shown if id(t) in kept})
+    return episode_records(it, "train", shown, {(j, s): nums[(kept[id(t)], s)] for j, t in enumerate(shown)
+                                                if id(t) in kept for s in range(len(t.steps))})
+
+
 def episode_text(e: dict) -> str:
     """An episode as plain text (TensorBoard, W&B): one block per turn."""
     lines = [f"iter {e['iter']} {e['split']} task {e['task_id']}: {'won' if e['success'] else 'lost'}, "

@@ -36,7 +36,7 @@ from credit import ESTIMATORS, CreditInputs, estimator_table, explained_variance
 from model import adapters_off, boundary_values, critic_outputs, step_logprobs
 from model import pad_id as get_pad_id
 from records import (REPORTERS, Preemption, Tracker, episode_records, eval_stats, finished_only, gather_episodes,
-                     plot_curve, rollout_stats)
+                     plot_curve, rollout_stats, train_episodes)
 from rollout import collect, make_engine, observation_role
 from scale import all_sum
 from step_mdp import StepBatch, collate, split_rows, step_grids
@@ -417,28 +417,6 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
     return {**out, "skipped_updates": skipped, "train_tokens": tokens}
 
 
-def step_numbers(cfg, batches, wanted) -> dict:
-    """{(i, t): the numbers the update used for step t of trajectory i}, for the trajectories in `wanted`: V(s_t), the
-    advantage (the step's; a per-token estimator's step mean), the critic's return target (its mean over the step's
-    tokens for a token critic), the first pass's ratio and share clipped, the trainer's (pi_old) and the engine's
-    log-probability of the whole action, and the step's engine_kl (k3 over its tokens)."""
-    critic, out = ESTIMATORS[cfg.estimator].critic, {}
-    for m in (m for mb in batches for m in mb if m.real):
-        o, mask = m.out, m.b.action_step_mask
-        n = mask.sum(1).clamp(min=1)
-        eng = m.b.gather_steps(m.b.engine_logprobs)
-        d = (o["old_lp"] - eng) * mask
-        cols = {"value": o["v_step"] if critic else None, "advantage": o["adv_step"],
-                "return": o["ret_step"] if critic == "step" else (o["ret_tok"] * mask).sum(1) / n if critic else None,
-                "ratio": o.get("ratio"), "clipped": o.get("clipped"), "logprob": o["old_lp"].sum(1), "engine_logprob": eng.sum(1),
-                "engine_kl": ((d.exp() - d - 1) * mask).sum(1) / n}
-        cols = {k: v.float().cpu().tolist() if v is not None else None for k, v in cols.items()}
-        for k, key in enumerate(zip(m.gi.tolist(), m.si.tolist())):
-            if key[0] in wanted:
-                out[key] = {name: v[k] if v is not None else None for name, v in cols.items()}
-    return out
-
-
 def critic_step(cfg, critic, m, last, st):
     """The clipped value loss of micro-batch `m`, backward into the critic (none without one): V(s_t) at step
     boundaries for a step critic, V before every action token for a token critic."""
@@ -452,16 +430,6 @@ def critic_step(cfg, critic, m, last, st):
     with scale.no_sync(critic, last):
         (vl * w_v).backward()
     st["value_loss"] += vl.item() * w_v
-
-
-def train_episodes(cfg, it, played, trajs, batches) -> list[dict]:
-    """The episode records of the iteration's first --log-groups task groups (`played`: every episode, in group order;
-    `trajs`: those trained on, env errors left out), each trained step with the numbers the update used."""
-    shown = played[:cfg.log_groups * cfg.group_size]
-    kept = {id(t): i for i, t in enumerate(trajs)}  # an episode's position among the trained ones
-    nums = step_numbers(cfg, batches, {kept[id(t)] for t in shown if id(t) in kept})
-    return episode_records(it, "train", shown, {(j, s): nums[(kept[id(t)], s)] for j, t in enumerate(shown)
-                                                if id(t) in kept for s in range(len(t.steps))})
 
 
 # ------------------------------------------------------------------------------------------ rollouts and the start
@@ -602,7 +570,8 @@ def run(cfg: Config, preempted):
         # 6. the new weights into the rollout engine
         engine.sync(computes)
         if master:  # the first --log-groups task groups, with the numbers the update used (episodes.jsonl)
-            tracker.episodes(train_episodes(cfg, it, played, trajs, batches))
+            tracker.episodes(train_episodes(it, played[:cfg.log_groups * cfg.group_size], trajs, batches,
+                                            ESTIMATORS[cfg.estimator].critic))
         t_roll, t_fwd, t_credit, t_upd = (b - a for a, b in zip(clock, clock[1:]))
 
         gen_tokens = sum(len(s.action_ids) for t in trajs for s in t.steps)
