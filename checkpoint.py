@@ -3,10 +3,12 @@ process or sharded, the same keys), their JSON meta, and the final model as a `s
 
     save_checkpoint(cfg.out, it, parts, meta)     # <out>/ckpt-<it>/: every process its shards, rank 0 meta.json
     meta = load_checkpoint(cfg.out, parts)         # the newest readable one, into parts (in place)
-    save_pretrained(policy, tok, <out>/final)      # what transformers and vLLM load (LoRA: merged, + adapter/)
+    save_final(policy, tok, cfg.out)               # <out>/final/, what transformers and vLLM load, written whole
 
 Nothing read from a checkpoint can run code (meta is JSON; a legacy meta.pt is read with weights_only=True).
 """
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -21,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
-from model import lora_scale, merged_weights, save_adapter
+from model import lora_scale, merged_weights, resolve, save_adapter
 from scale import anywhere, sharded
 
 
@@ -43,6 +45,31 @@ def save_pretrained(model, tok, path, base=""):
         tok.save_pretrained(path)
         if lora_scale(model) is not None:
             save_adapter(model, state, os.path.join(path, "adapter"), base)
+
+
+def save_final(model, tok, out, base=""):
+    """<out>/final/, written whole or not at all: `save_pretrained` into <out>/final.tmp/, renamed when complete. A
+    write that fails (a full disk) leaves the checkpoints as they are and stops the run with one line, non-zero."""
+    master, final = not dist.is_initialized() or dist.get_rank() == 0, os.path.join(out, "final")
+    tmp, error = final + ".tmp", None
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed write left
+    try:
+        save_pretrained(model, tok, tmp, base)
+    except Exception as e:
+        error = e
+    if anywhere(error is not None):
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = (checkpoints(out) or ["none"])[-1]
+        reason = f"{type(error).__name__}: {error}" if error else "another process failed to write"
+        raise SystemExit(f"error: the final model was not written to {final} ({reason}); "
+                         f"the newest checkpoint is kept ({newest}): make room and run again with --resume")
+    if master:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -72,6 +99,18 @@ def _state(parts: dict) -> dict:
                 msd = {k: v for k, v in msd.items() if k in kept}
             state[name] = {"model": msd, **({"optim": osd} if opt is not None else {})}
     return state
+
+
+def needed_bytes(parts: dict) -> int:
+    """What one checkpoint of `parts` and final/ (the policy, merged) take on disk, from the tensors' sizes: each
+    model's saved weights (LoRA: the trained ones) and Adam's two fp32 moments per trained weight."""
+    total = 0
+    for model, opt in parts.values():
+        if model is not None:
+            saved = [p for p in model.parameters() if opt is None or _trains_all(model) or p.requires_grad]
+            total += sum(p.numel() * p.element_size() for p in saved)
+            total += 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) if opt is not None else 0
+    return total + sum(p.numel() * p.element_size() for p in parts["policy"][0].parameters())
 
 
 def _trains_all(model) -> bool:
@@ -131,7 +170,60 @@ def read_meta(ckpt_dir) -> dict:
             meta = torch.load(os.path.join(ckpt_dir, LEGACY_META), weights_only=True)
     if not isinstance(meta, dict) or not {"iter", "history", "config"} <= set(meta):
         raise ValueError("its meta file lacks iter, history or config")
+    if not (isinstance(meta["iter"], int) and isinstance(meta["history"], list) and isinstance(meta["config"], dict)):
+        raise ValueError("its meta file's iter, history or config is not an integer, a list and an object")
     return meta
+
+
+# flags a resumed run may change: they alter neither what is trained nor how (docs/scaling.md, "Long runs"); --iters
+# too where the iterations already trained had the learning rates the new --iters gives them (`check_resume`)
+RESUMABLE = ("iters", "save_every", "eval_every", "log_groups", "report_to", "max_env_errors", "max_failures_in_a_row",
+             "resume", "overwrite", "out")
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Which base model a run trained (recorded in meta.json as base_model): a hash of a model folder's config.json and
+    the first MiB of each weights file; a hub id's name where there is no local folder."""
+    path = resolve(name_or_path)
+    if not os.path.isdir(path):
+        return f"name:{name_or_path}"
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name == "config.json" or name.endswith((".safetensors", ".bin")):
+            with open(os.path.join(path, name), "rb") as f:
+                h.update(name.encode() + f.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def check_resume(cfg, base_model: str, lr_factor):
+    """--resume continues the run its newest readable checkpoint holds, with its flags: one line naming each flag that
+    differs (old -> new) and is not RESUMABLE, or the base model when LoRA adapters would land on another one. A new
+    --iters is refused where `lr_factor(cfg, it)` (the schedule) of an iteration already trained would differ: the
+    resumed run is always the uninterrupted run with the new flags. Runs before any model loads (meta.json only)."""
+    meta, done = None, checkpoints(cfg.out)
+    if not done:
+        raise SystemExit(f"error: --resume: no checkpoint (ckpt-<iter>/ folder) in {cfg.out}")
+    for path in reversed(done):
+        try:
+            meta = read_meta(path)
+            break
+        except Exception:  # noqa: BLE001 (any unreadable meta)
+            continue  # load_checkpoint says which and why
+    if meta is None:
+        raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (tried "
+                         f"{', '.join(map(os.path.basename, done))})")
+    saved, now = meta["config"], dataclasses.asdict(cfg)
+    changed = [k for k in now if k in saved and k not in RESUMABLE and saved[k] != now[k]]
+    old = dataclasses.replace(cfg, iters=saved.get("iters", cfg.iters))
+    if any(lr_factor(old, it) != lr_factor(cfg, it) for it in range(meta["iter"] + 1)):
+        changed.append("iters")  # the iterations already trained had another learning rate
+    if changed:
+        raise SystemExit("error: --resume with flags that change what is trained: " + "; ".join(
+            f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in changed) +
+            f" (may change: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}); start a new run for others")
+    if cfg.lora_rank and meta.get("base_model") not in (None, base_model):
+        raise SystemExit(f"error: --resume: the checkpoint's LoRA adapters were trained on another base model than "
+                         f"--model {cfg.model!r} (fingerprint {meta['base_model']} -> {base_model})")
 
 
 def load_checkpoint(out, parts: dict) -> dict:
@@ -158,6 +250,9 @@ def load_checkpoint(out, parts: dict) -> dict:
             error = e
         if not anywhere(error is not None):
             return {**meta, "path": path}
+        mismatch = re.search(r"size mismatch[^\n]*", str(error), re.IGNORECASE)
+        if mismatch:  # whole, but of another shape: the flags say which model (check_resume)
+            raise SystemExit(f"error: --resume: checkpoint {path} does not fit the model: {mismatch.group(0)[:300]}")
         if master:
             reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}" if error else "another process failed"
             print(f"warning: --resume: checkpoint {path} is unreadable or corrupt ({reason}); trying the one before",

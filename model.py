@@ -14,6 +14,7 @@ Models load in fp32 unless `dtype` is given, so the trainer's log-probs match th
 import contextlib
 import copy
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -164,6 +165,48 @@ def resolve(name_or_path: str) -> str:
         folder, build = BUILTIN[name_or_path]
         return str(_atomic_build(cache_dir() / folder, build))
     return name_or_path
+
+
+def source_problem(name_or_path: str, flag: str, chat: bool) -> str | None:
+    """Why `name_or_path` cannot be loaded, in one line, before anything is (None: a built-in name, a sound model
+    folder, or a hub id to try): not a folder, no config.json, unreadable config or weights-file headers, no weights,
+    a hub id missing from the local cache while offline; `chat`: a tokenizer without a chat template."""
+    if name_or_path in BUILTIN:
+        return None
+    if not os.path.isdir(name_or_path):
+        if os.path.exists(name_or_path):
+            return f"{flag} {name_or_path!r} is a file, not a model folder"
+        if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            return f"{flag} {name_or_path!r}: no such folder (and not a hub id 'org/name')"
+        from huggingface_hub import try_to_load_from_cache
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return f"{flag} {name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
+        return None
+    files = set(os.listdir(name_or_path))
+    try:
+        with open(os.path.join(name_or_path, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{flag} {name_or_path!r} has no readable config.json ({type(e).__name__}: {e})"
+    weights = sorted(f for f in files if f.endswith((".safetensors", ".bin", ".gguf")))
+    if not weights:
+        return f"{flag} {name_or_path!r} holds no weights (*.safetensors, *.bin)"
+    from safetensors import safe_open
+    for name in (f for f in weights if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(name_or_path, name), "pt") as w:
+                w.keys()  # the header: names, shapes and offsets; a truncated or corrupt file fails here
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own types)
+            return f"{flag} {name_or_path!r}: {name} is not a readable safetensors file ({type(e).__name__}: {e})"
+    if chat:
+        config = {}
+        if "tokenizer_config.json" in files:
+            with open(os.path.join(name_or_path, "tokenizer_config.json")) as f:
+                config = json.load(f)
+        if not config.get("chat_template") and not files & {"chat_template.jinja", "chat_template.json"}:
+            return (f"{flag} {name_or_path!r}: its tokenizer has no chat template (every turn is rendered with it: "
+                    f"use an Instruct/chat model or add a template)")
+    return None
 
 
 def _load(fn, name_or_path, **kw):

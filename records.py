@@ -223,7 +223,7 @@ def run_record(cfg, env=None) -> dict:
             "world_size": dist.get_world_size() if dist.is_initialized() else 1, "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "versions": versions,
-            "git": source, "env": None if env is None else {"class": type(env).__name__,
+            "git": source, "env": None if env is None else {"class": getattr(env, "env_class", type(env).__name__),
                                                              "system_prompt": getattr(env, "system_prompt", ""),
                                                              "tools": getattr(env, "tools", None)}}
 
@@ -240,6 +240,12 @@ def write_run_record(cfg, env=None):
             starts = []
     with open(path, "w") as f:
         json.dump({"starts": starts + [run_record(cfg, env)]}, f, indent=1)
+
+
+def json_row(row: dict) -> str:
+    """One line of metrics.jsonl: valid JSON, a non-finite number (NaN, inf) written as null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()},
+                      allow_nan=False) + "\n"
 
 
 class Tracker:
@@ -272,7 +278,7 @@ class Tracker:
         if not self.enabled:
             return
         with open(self.metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.writelines(map(json_row, rows))
         last, kept = max((r["iter"] for r in rows), default=-1), []
         if os.path.exists(self.episodes_path):
             with open(self.episodes_path) as f:
@@ -302,7 +308,7 @@ class Tracker:
         if not self.enabled:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_row(row))
         numbers = {k: v for k, v in row.items() if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in numbers.items():
@@ -349,10 +355,14 @@ class Preemption:
     """SIGTERM (a scheduler preempting the job; torchrun forwards it to every process) and Ctrl-C, for the duration of
     a `with` block: the first sets a flag the loop reads after each iteration (`requested()` is collective, so every
     process agrees), and the loop then writes that iteration's checkpoint and exits with 128 + the signal's number;
-    `--resume` continues exactly. A second Ctrl-C stops at once."""
+    `--resume` continues exactly. A second Ctrl-C stops at once. Before the loop starts (`started` False: loading the
+    models, the warm start) there is no iteration to finish: the signal stops the process at once, with the same code
+    (a warm start is redone by the next start; a resumed run's checkpoints are as they were)."""
+
+    GRACE = 10.0  # seconds an iteration may still wait on an env after a signal
 
     def __enter__(self):
-        self.signum, self.old = None, {}
+        self.signum, self.old, self.started = None, {}, False
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
@@ -364,12 +374,21 @@ class Preemption:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.when = signum, time.monotonic()
+        if not self.started:
+            print(f"{signal.Signals(signum).name} received during start-up: stopping now (no iteration of this start "
+                  f"to checkpoint)", file=sys.stderr, flush=True)
+            raise SystemExit(self.exit_code)
         print(f"{signal.Signals(signum).name} received: stopping after this iteration, with a checkpoint",
               file=sys.stderr, flush=True)
 
     def requested(self) -> bool:
         return anywhere(self.signum is not None)
+
+    def overdue(self) -> bool:
+        """A signal came more than GRACE seconds ago and the iteration is still waiting (on an env that hangs):
+        stop without finishing it (envs/process.py asks while it waits; the newest checkpoint stays)."""
+        return self.signum is not None and time.monotonic() - self.when > self.GRACE
 
     @property
     def name(self) -> str:

@@ -26,14 +26,17 @@ Conventions (what the trainer can rely on):
   Why each of these matters: docs/implementation-details.md (details 2, 3, 6, 12, 25).
 """
 from dataclasses import dataclass, field
+import math
 import os
 import sys
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from envs.process import EnvDied, EnvProcess, EnvRaised, EnvTimeout
 from model import lora_scale, merged_weights
 from step_mdp import Step, Trajectory
 
@@ -330,9 +333,83 @@ def ending(e: Episode) -> str:
     return "context" if last.get("context_limit") else "token_budget" if last.get("token_budget") else "step_limit"
 
 
+# ---------------------------------------------------------------- the env boundary: what an env returns is checked
+class EnvProtocolError(Exception):
+    """An env returned something outside the protocol (envs/__init__.py): the episode ends as if the env had raised."""
+
+
+def checked_text(x, what: str) -> str:
+    """`x` if it is text a tokenizer can take (a str encodable as UTF-8: no lone surrogates), else EnvProtocolError."""
+    if not isinstance(x, str):
+        raise EnvProtocolError(f"{what} is a {type(x).__name__}, not a str")
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EnvProtocolError(f"{what} is not valid text ({e.reason} at character {e.start})") from None
+    return x
+
+
+def checked_info(info) -> dict:
+    """A dict; the text it may hold for the agent (info["prompt"], info["expert"]) checked as text."""
+    if not isinstance(info, dict):
+        raise EnvProtocolError(f"info is a {type(info).__name__}, not a dict")
+    for key in ("prompt", "expert"):
+        if info.get(key) is not None:
+            checked_text(info[key], f"info[{key!r}]")
+    return info
+
+
+def checked_reset(out) -> tuple[str, dict]:
+    """env.reset's (observation, info): a str, and a dict with a task_id."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise EnvProtocolError(f"reset returned a {type(out).__name__}, not (observation, info)")
+    obs, info = checked_text(out[0], "the first observation"), checked_info(out[1])
+    if "task_id" not in info:
+        raise EnvProtocolError("info has no task_id")
+    return obs, info
+
+
+def checked_step(out) -> tuple[str, float, bool, dict]:
+    """env.step's (observation, reward, done, info): a str, a finite real number, anything truthy, a dict."""
+    if not (isinstance(out, tuple) and len(out) == 4):
+        raise EnvProtocolError(f"step returned a {type(out).__name__}, not (observation, reward, done, info)")
+    obs, reward, done, info = out
+    try:
+        finite = not isinstance(reward, (bool, str, bytes)) and math.isfinite(float(reward))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise EnvProtocolError(f"reward {reward!r} ({type(reward).__name__}) is not a finite number")
+    return checked_text(obs, "the observation"), float(reward), done, checked_info(info)
+
+
+def call_all(calls: list[tuple]) -> float | None:
+    """Send each (env, method, argument) call to the envs that live in processes (--env-timeout: EnvProcess), so they
+    work in parallel; returns the batch's deadline for `answer` (None: no time-out). In-process envs wait for `answer`."""
+    timeouts = [env.timeout for env, *_ in calls if isinstance(env, EnvProcess)]
+    for env, method, arg in calls:
+        if isinstance(env, EnvProcess):
+            env.send(method, arg)
+    return time.monotonic() + max(timeouts) if timeouts and min(timeouts) > 0 else None
+
+
+def answer(env, method: str, arg, deadline: float | None):
+    """The result of `env.method(arg)`: an EnvProcess's answer to what `call_all` sent (EnvTimeout after the
+    deadline), or the in-process call."""
+    if isinstance(env, EnvProcess):
+        return env.recv(deadline)
+    return env.reset(seed=arg) if method == "reset" else env.step(arg)
+
+
 def env_error(env, seed, where: str) -> str:
-    """What an exception raised by env.reset / env.step says, with the env's class and the task seed (call in except)."""
-    return f"{type(env).__name__}.{where} raised on task seed {seed}:\n{traceback.format_exc().rstrip()}"
+    """What went wrong in env.reset / env.step (call in except), with the env's class and the task seed: one line for
+    a value outside the protocol, the traceback for an exception (SystemExit included) the env raised."""
+    error, name = sys.exc_info()[1], env.env_class if isinstance(env, EnvProcess) else type(env).__name__
+    if isinstance(error, (EnvProtocolError, EnvTimeout, EnvDied)):
+        return f"{name}.{where} on task seed {seed}: {error}"
+    if isinstance(error, EnvRaised):  # in the env's process: its own traceback
+        return f"{name}.{where} raised on task seed {seed} (in its process):\n{str(error).rstrip()}"
+    return f"{name}.{where} raised on task seed {seed}:\n{traceback.format_exc().rstrip()}"
 
 
 def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max_new_tokens: int,
@@ -351,8 +428,10 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     `expert=True` plays the env's `info["expert"]` responses instead of sampling (warm-start demonstrations):
     their ids + the end-of-turn token, with log-probs 0; the engine is not called; an episode ends at the first
     state without an expert action.
-    An exception from an env's `reset` or `step` ends that episode: its Trajectory keeps the steps before it and the
-    traceback in `error` (success False), and the caller decides (train.py leaves it out of the update).
+    An exception from an env's `reset` or `step` (`SystemExit` included) ends that episode, and so does a value outside
+    the protocol (`checked_reset`, `checked_step`: a reward that is not a finite number, an observation that is not
+    valid text, info that is not a dict) or a first prompt longer than the context: its Trajectory keeps the steps
+    before it and what went wrong in `error` (success False), and the caller decides (train.py leaves it out).
     """
     if context not in ("full", "window"):
         raise ValueError(f"context must be 'full' or 'window', not {context!r}")
@@ -365,24 +444,23 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
     bar = tqdm(total=len(seeds), desc="rollout", unit="ep", leave=False, disable=None)
     for start in range(0, len(seeds), len(envs)):
         batch_seed = None if seed is None else seed + 1_000_003 * (start // len(envs))
-        episodes = []
-        for env, s in zip(envs, seeds[start:start + len(envs)]):
-            try:
-                obs, info = env.reset(seed=s)
-                task_id = str(info["task_id"])
-            except Exception:  # a crashing env ends its episode, not the run (the caller leaves it out)
+        episodes, batch = [], list(zip(envs, seeds[start:start + len(envs)]))
+        deadline = call_all([(env, "reset", s) for env, s in batch])  # envs in processes reset in parallel
+        for env, s in batch:
+            try:  # a crashing or misbehaving env ends its episode, not the run (the caller leaves it out)
+                obs, info = checked_reset(answer(env, "reset", s, deadline))
+                user = (info.get("prompt") or window_message(obs, obs, [], window)) if context == "window" else obs
+                tools = getattr(env, "tools", None)
+                prompt = first_prompt(tokenizer, env.system_prompt, user, tools)
+                if len(prompt) + max_new_tokens > max_len:
+                    raise EnvProtocolError(f"the first prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                           f"exceeds the context length {max_len}")
+            except (Exception, SystemExit):  # SystemExit: sys.exit() in env code ends the episode, not the run
                 episodes.append(Episode(env, "", [], f"seed-{s}", live=False, error=env_error(env, s, "reset"), seed=s))
                 bar.update()
                 continue
-            user = (info.get("prompt") or window_message(obs, obs, [], window)) if context == "window" else obs
-            tools = getattr(env, "tools", None)
-            episodes.append(Episode(env, obs, first_prompt(tokenizer, env.system_prompt, user, tools),
-                                    task_id, expert=info.get("expert"),
+            episodes.append(Episode(env, obs, prompt, str(info["task_id"]), expert=info.get("expert"),
                                     role=observation_role(tokenizer, tools), seed=s))
-            if len(episodes[-1].prompt) + max_new_tokens > max_len:
-                bar.close()
-                raise ValueError(f"seed {s}: the first prompt ({len(episodes[-1].prompt)} tokens) + "
-                                 f"max_new_tokens ({max_new_tokens}) exceeds the context length {max_len}")
         for turn in range(max_steps):
             if expert:  # a demonstration ends at the first state without an expert action
                 for e in episodes:
@@ -396,15 +474,18 @@ def collect(engine, envs: list, tokenizer, seeds: list[int], max_steps: int, max
             else:
                 outs = engine.generate([e.prompt for e in live], max_new_tokens, temperature, top_p,
                                        seed=None if batch_seed is None else batch_seed + turn)
+            actions = []
             for e, (ids, lps) in zip(live, outs):
                 over = bool(max_episode_tokens) and e.generated + len(ids) > max_episode_tokens
                 if over:  # what is left of the budget, as if generation had stopped there (a causal model: the kept
                     ids, lps = ids[:max_episode_tokens - e.generated], lps[:max_episode_tokens - e.generated]  # tokens
                 e.generated += len(ids)  # and their log-probs are unchanged)
-                text = tokenizer.decode(ids, skip_special_tokens=True)
+                actions.append((ids, lps, over, tokenizer.decode(ids, skip_special_tokens=True)))
+            deadline = call_all([(e.env, "step", text) for e, (*_, text) in zip(live, actions)])  # in parallel
+            for e, (ids, lps, over, text) in zip(live, actions):
                 try:
-                    obs, reward, done, info = e.env.step(text)
-                except Exception:
+                    obs, reward, done, info = checked_step(answer(e.env, "step", text, deadline))
+                except (Exception, SystemExit):
                     e.error, e.live = env_error(e.env, e.seed, "step"), False
                     continue
                 cut = (len(ids) >= max_new_tokens or over) and ids[-1] not in eos

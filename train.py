@@ -28,12 +28,15 @@ import torch
 from tqdm import tqdm
 
 import envs
+import envs.process
 import report
+import run_dir
+from sizes import host_memory_problem
 import checkpoint
 import scale
 from cli import Bounds, Count, NonNegative, Positive, Share, Size, parse_dataclass
 from credit import ESTIMATORS, CreditInputs, estimator_table, explained_variance, group_index, whiten
-from model import adapters_off, boundary_values, critic_outputs, step_logprobs
+from model import adapters_off, boundary_values, critic_outputs, source_problem, step_logprobs
 from model import pad_id as get_pad_id
 from records import (REPORTERS, Preemption, Tracker, episode_records, eval_stats, finished_only, gather_episodes,
                      plot_curve, rollout_stats, train_episodes)
@@ -101,9 +104,12 @@ class Config:  # every field is a flag (--env-kwargs ...); its type and bounds a
     eval_split: Literal["eval", "valid", "train"] = "eval"  # eval (held out) | valid (multihop, alfworld) | train: choose settings without eval tasks
     seed: int = 0  # everything random derives from it
     out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt-<iter>/, final/, curve.png
-    resume: bool = False  # continue from the newest <out>/ckpt-<iter>/
+    resume: bool = False  # continue from the newest <out>/ckpt-<iter>/ (the same flags but a few: docs/scaling.md)
+    overwrite: bool = False  # start over in an --out that holds another run: its files are deleted first
     save_every: Count = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
     max_env_errors: Share = 0.5  # stop when more than this share of an iteration's episodes end by an env exception
+    env_timeout: NonNegative = 600.0  # seconds a reset or step may take: each env runs in its own process and one that hangs is replaced (an env error); 0: envs in this process, no time-out
+    max_failures_in_a_row: Count = 3  # stop when this many checkpoint writes fail in a row, or this many iterations in a row skip every update
     filter_groups: bool = False  # dynamic sampling (DAPO): drop task groups whose members all got one return, play new tasks until --envs-per-iter remain
     filter_rounds: Size = 3  # --filter-groups: at most this many extra rollout rounds per iteration (veRL's max_num_gen_batches)
     report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: metrics.jsonl's numbers there too
@@ -133,9 +139,14 @@ def check_config(cfg: Config):
         return "--fsdp runs under torchrun (torchrun --nproc_per_node N train.py ...; N = 1 works)"
     if cfg.lr_warmup >= 1 and cfg.lr_warmup != int(cfg.lr_warmup):
         return f"--lr-warmup is a whole number of iterations or a share of --iters below 1, not {cfg.lr_warmup}"
+    if cfg.resume and cfg.overwrite:
+        return "--resume continues the run in --out, --overwrite deletes it: choose one"
     if cfg.dual_clip and cfg.dual_clip <= 1:
         return f"--dual-clip must be > 1 (or 0 to turn it off), not {cfg.dual_clip}"
     if problem := missing_packages(cfg):  # vllm for --engine vllm, tensorboard / wandb for --report-to
+        return problem
+    if problem := source_problem(cfg.model, "--model", chat=True) or (  # before minutes of loading, not after
+            cfg.critic_model and source_problem(cfg.critic_model, "--critic-model", chat=False)):
         return problem
     return envs.check(cfg.env, cfg.env_kwargs, [cfg.eval_split, "train"])  # builds one env per split: fails now, not mid-run
 
@@ -221,8 +232,9 @@ def dynamic_sampling(cfg, trajs, rng, device, play) -> tuple[list, dict]:
     (`play(seeds, sample_seed)` -> finished trajectories) until --envs-per-iter trajectories are kept or --filter-rounds
     extra rounds were played; every process plays as many rounds (FSDP gathers weights for each). Returns the kept
     trajectories (whole groups, at most --envs-per-iter; a process with none keeps its unfiltered first round) and
-    {"filtered_groups": share of the groups seen that were dropped, "sampling_rounds": extra rounds played}."""
-    kept, seen, rounds = informative(trajs), {t.task_id for t in trajs}, 0
+    {"filtered_groups": share of the groups seen that were dropped, "sampling_rounds": extra rounds played,
+    "played_episodes": episodes played this iteration, first round included, env errors not (all processes)}."""
+    kept, seen, rounds, n_played = informative(trajs), {t.task_id for t in trajs}, 0, len(trajs)
     n_seen, n_dropped = len(seen), len(seen - {t.task_id for t in kept})
     while rounds < cfg.filter_rounds and all_sum([float(len(kept) < cfg.envs_per_iter)], device)[0]:
         rounds += 1
@@ -231,9 +243,10 @@ def dynamic_sampling(cfg, trajs, rng, device, play) -> tuple[list, dict]:
         more = play([s for s in tasks for _ in range(cfg.group_size)], rng.randrange(2**31))  # [] when this process is full
         good, ids = informative(more), {t.task_id for t in more}
         n_seen, n_dropped = n_seen + len(ids), n_dropped + len(ids - {t.task_id for t in good})
-        kept += good
-    n_seen, n_dropped = all_sum([n_seen, n_dropped], device)
-    return (kept[:cfg.envs_per_iter] or trajs), {"filtered_groups": n_dropped / max(n_seen, 1), "sampling_rounds": rounds}
+        kept, n_played = kept + good, n_played + len(more)
+    n_seen, n_dropped, n_played = all_sum([n_seen, n_dropped, n_played], device)
+    return (kept[:cfg.envs_per_iter] or trajs), {"filtered_groups": n_dropped / max(n_seen, 1), "sampling_rounds": rounds,
+                                                 "played_episodes": int(n_played)}
 
 
 def set_lr(cfg, it: int, opt_p, opt_c) -> float:
@@ -377,7 +390,7 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
     alone is updated, the policy is not forwarded."""
     loss = LOSSES[cfg.loss]
     per_step, mean_over = loss.ratio == "step", loss.mean_over(cfg)
-    stats, skipped, tokens = defaultdict(list), 0, 0
+    stats, skipped, steps, tokens = defaultdict(list), 0, 0, 0
     for epoch in range(cfg.epochs):
         for micro in batches:
             st = defaultdict(float)
@@ -406,15 +419,13 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
                     st[key] += v * w_pl
                 st["entropy"] += ent * m.w_tok
                 critic_step(cfg, critic, m, last, st)
-            if train_policy:
-                skipped += not scale.optimizer_step(opt_p, policy, cfg.max_grad_norm)
-            if critic is not None:
-                skipped += not scale.optimizer_step(opt_c, critic, cfg.max_grad_norm)
+            for opt, model in ((opt_p, policy),) * train_policy + ((opt_c, critic),) * (critic is not None):
+                skipped, steps = skipped + (not scale.optimizer_step(opt, model, cfg.max_grad_norm)), steps + 1
             for key, v in st.items():
                 stats[key].append(v)
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out.setdefault("value_loss", 0.0)
-    return {**out, "skipped_updates": skipped, "train_tokens": tokens}
+    return {**out, "skipped_updates": skipped, "optimizer_steps": steps, "train_tokens": tokens}
 
 
 def critic_step(cfg, critic, m, last, st):
@@ -487,12 +498,26 @@ def resume(cfg, parts, policy_ddp, critic_ddp, master) -> tuple[int, list]:
 def main(cfg: Config):
     """One run; SIGTERM and Ctrl-C end it after the iteration in progress, with a checkpoint (records.Preemption)."""
     with Preemption() as preempted:
-        run(cfg, preempted)
+        envs.process.stop_requested = preempted.overdue  # an env that hangs cannot hold a signal back
+        try:
+            run(cfg, preempted)
+        except envs.process.StopWaiting as e:
+            print(f"stopped by {preempted.name}: {e} {preempted.GRACE:g} s after it; this iteration is lost, the newest "
+                  f"checkpoint stays ({(checkpoint.checkpoints(cfg.out) or ['none'])[-1]}): continue with --resume",
+                  file=sys.stderr)
+            raise SystemExit(preempted.exit_code)
+        finally:
+            envs.process.close_all()  # the envs' processes
+            run_dir.release(cfg.out)  # <out>/run.lock, if this process took it
 
 
 def run(cfg: Config, preempted):
     rank, world, device = scale.setup_distributed()
     master = rank == 0
+    run_dir.claim(cfg, master, device)  # --out is this job's: writable, locked, no other run's files (or --overwrite)
+    base_model = checkpoint.model_fingerprint(cfg.model)  # in every checkpoint: LoRA adapters resume on their base only
+    if cfg.resume:
+        checkpoint.check_resume(cfg, base_model, lr_factor)  # the flags are the run's (meta.json), before models load
     seed_everything(cfg.seed * 1_000_003 + rank)
     # the models as --dtype / --fsdp place them; *_ddp: what the losses call; ref: the KL anchor (weights set below)
     policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, device, ESTIMATORS[cfg.estimator].critic)
@@ -500,10 +525,14 @@ def run(cfg: Config, preempted):
     opt_p = scale.adamw(scale.trained(policy), cfg.lr, cfg)  # RL's; the warm start has its own
     opt_c = scale.adamw(scale.trained(critic), cfg.critic_lr, cfg) if critic else None
     parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref if ref is not policy else None, None)}
-    env_kwargs = json.loads(cfg.env_kwargs)
-    train_envs = [envs.make(cfg.env, split="train", **env_kwargs) for _ in range(cfg.envs_per_iter)]
-    eval_envs = [envs.make(cfg.env, split=cfg.eval_split, **env_kwargs)
-                 for _ in range(min(cfg.eval_episodes, cfg.envs_per_iter))]
+    run_dir.check_room(cfg.out, checkpoint.needed_bytes(parts), master)  # a full disk stops now, not at the end
+    kw, make_envs = json.loads(cfg.env_kwargs), envs.process.make_envs  # --env-timeout > 0: each in its own process
+    probe = envs.make(cfg.env, split="train", **kw)  # sizes that cannot fit stop here, before the envs are built
+    if problem := host_memory_problem(cfg, probe, tok, policy.config.max_position_embeddings,
+                                      cfg.max_steps or probe.max_steps):
+        raise SystemExit(f"error: {problem}")
+    train_envs = make_envs(cfg.env, {**kw, "split": "train"}, cfg.envs_per_iter, cfg.env_timeout)
+    eval_envs = make_envs(cfg.env, {**kw, "split": cfg.eval_split}, min(cfg.eval_episodes, cfg.envs_per_iter), cfg.env_timeout)
     max_steps, models = cfg.max_steps or train_envs[0].max_steps, (policy, computes)
     tools = getattr(train_envs[0], "tools", None)
     if tools and master and observation_role(tok, tools) == "user":  # the template renders no tools
@@ -521,7 +550,9 @@ def run(cfg: Config, preempted):
     tracker.restart(history)  # metrics.jsonl holds exactly the iterations in the checkpoint's history
     engine.sync(computes)
 
+    preempted.started = True  # from here a signal ends the iteration in progress, then checkpoints (records.Preemption)
     bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", disable=None if master else True)
+    failures = {"every update skipped": 0, "checkpoint writes failed": 0}  # in a row, up to this iteration
     for it in range(start, cfg.iters + 1):  # the extra last pass only evaluates the final policy
         t0, seed = time.time(), iteration_seed(cfg, it, rank)
         seed_everything(seed)
@@ -575,7 +606,7 @@ def run(cfg: Config, preempted):
         t_roll, t_fwd, t_credit, t_upd = (b - a for a, b in zip(clock, clock[1:]))
 
         gen_tokens = sum(len(s.action_ids) for t in trajs for s in t.steps)
-        row.update(**rollout_stats(trajs, device), **{k: v for k, v in st.items() if k != "train_tokens"},
+        row.update(**rollout_stats(trajs, device), **{k: v for k, v in st.items() if k not in ("train_tokens", "optimizer_steps")},
                    engine_kl=fwd["engine_kl"], tokens_per_s=gen_tokens / max(t_roll, 1e-9),
                    train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9), rollout_s=t_roll, forward_s=t_fwd,
                    credit_s=t_credit, update_s=t_upd, wall_s=time.time() - t0, env_errors=env_errors,
@@ -585,15 +616,24 @@ def run(cfg: Config, preempted):
             history.append(row)
             tracker.log(row)
             if st["skipped_updates"]:
-                tqdm.write(f"iteration {it}: skipped {st['skipped_updates']} updates with a non-finite gradient",
-                           file=sys.stderr)
+                tqdm.write(f"iteration {it}: skipped {st['skipped_updates']} of {st['optimizer_steps']} updates with a "
+                           f"non-finite gradient", file=sys.stderr)
             ev = f" eval {row['eval_success_rate']:.2f}" if "eval_success_rate" in row else ""
             tqdm.write(f"iter {it}: success {row['success_rate']:.2f} return {row['mean_return']:.2f} "
                        f"steps {row['mean_steps']:.1f} invalid {row['invalid_rate']:.2f}{ev} ({row['wall_s']:.1f}s)")
             bar.update()
+        failures["every update skipped"] = (failures["every update skipped"] + 1) * (
+            st["skipped_updates"] == st["optimizer_steps"] > 0)  # the same on every process (reduced gradients)
         stop = preempted.requested()  # SIGTERM / Ctrl-C: this iteration's checkpoint, then leave (--resume continues)
         if (it + 1) % cfg.save_every == 0 or it == cfg.iters - 1 or stop:  # every process writes its shards
-            checkpoint.save_checkpoint(cfg.out, it, parts, {"iter": it, "history": history, "config": dataclasses.asdict(cfg)})
+            saved = checkpoint.save_checkpoint(cfg.out, it, parts, {"iter": it, "history": history, "config": dataclasses.asdict(cfg),
+                                                                  "base_model": base_model})
+            failures["checkpoint writes failed"] = (failures["checkpoint writes failed"] + 1) * (not saved)
+        for what, n in failures.items():  # a run that cannot learn or cannot be kept stops, loudly
+            if n >= cfg.max_failures_in_a_row:
+                raise SystemExit(f"error: {what} in {n} iterations in a row (--max-failures-in-a-row "
+                                 f"{cfg.max_failures_in_a_row}); newest checkpoint: "
+                                 f"{(checkpoint.checkpoints(cfg.out) or ['none'])[-1]}")
         if stop:
             if master:
                 print(f"stopped by {preempted.name} after iteration {it}: checkpoint {cfg.out}/ckpt-{it}; continue with "
@@ -604,7 +644,7 @@ def run(cfg: Config, preempted):
             raise SystemExit(preempted.exit_code)
     bar.close()
 
-    checkpoint.save_pretrained(policy, tok, os.path.join(cfg.out, "final"), cfg.model)  # loadable by transformers, vLLM
+    checkpoint.save_final(policy, tok, cfg.out, cfg.model)  # <out>/final/: loadable by transformers, vLLM; written whole
     if master:
         plot_curve(cfg.out, history)
         tracker.close(os.path.join(cfg.out, "curve.png"))

@@ -206,7 +206,8 @@ def run_all(jobs):
                     f.write(sha)
             resume = bool(checkpoint.checkpoints(os.path.join(ROOT, j["out"])))  # an interrupted run
             log = open(os.path.join(ROOT, j["out"], "train.log"), "a" if resume else "w")
-            p = subprocess.Popen(j["cmd"] + ["--resume"] * resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            again = ["--resume"] if resume else ["--overwrite"]  # a start that died before its first checkpoint: again
+            p = subprocess.Popen(j["cmd"] + again, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[p.pid] = (j, time.time(), log, resume)
             print(f"{'resume' if resume else 'start'} {' '.join(j['cmd'][1:])}", flush=True)
         pid, status, usage = os.wait4(-1, 0)

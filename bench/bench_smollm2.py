@@ -48,7 +48,8 @@ def run(name, flags, iters):
     if any(r["iter"] == iters for r in rows(out)) and os.path.isdir(os.path.join(out, "final")):
         return out, None
     resume = any(d.startswith("ckpt-") and not d.endswith(".tmp") for d in os.listdir(out)) if os.path.isdir(out) else False
-    cmd = [sys.executable, "train.py", *flags, "--out", out, *(["--resume"] if resume else [])]
+    again = ["--resume"] if resume else ["--overwrite"]  # a start that died before its first checkpoint: again
+    cmd = [sys.executable, "train.py", *flags, "--out", out, *again]
     print(("resume " if resume else "run ") + " ".join(cmd[1:]), flush=True)
     t = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -154,7 +155,8 @@ def main():
         return report(res)
     iters = int(RL[RL.index("--iters") + 1])
     warm, timing = run("warm", [*RECIPE, *WARM], 0)
-    res["warm_start"] = {**summary(warm, timing), "flags": WARM}
+    if timing is not None or "warm_start" not in res:  # a skipped run keeps the wall time it was recorded with
+        res["warm_start"] = {**summary(warm, timing), "flags": WARM}
     save(res)
     model = os.path.join(warm, "final")
     jobs = ([(f"tune-lr{lr}/seed{TUNE_SEED}", ["--lr", lr, "--eval-split", "valid", "--seed", str(TUNE_SEED)])
@@ -162,7 +164,8 @@ def main():
             [(f"{m}/seed{s}", [*METHODS[m], "--seed", str(s)]) for m in args.methods.split(",") for s in map(int, args.seeds.split(","))])
     for name, flags in jobs:
         out, timing = run(name, [*RECIPE, *RL, "--model", model, *flags], iters)
-        res["runs"][name] = summary(out, timing)
+        if timing is not None or name not in res["runs"]:
+            res["runs"][name] = summary(out, timing)
         save(res)
     report(res)
 

@@ -19,7 +19,12 @@ The protocol, complete (what train.py and rollout.py call and read, nothing else
   as "tool" messages. The env still parses the raw response text itself and should describe its format in
   `system_prompt` for templates without tools.
 - `reset(seed) -> (obs, info)`; `step(response) -> (obs, reward, done, info)`. Unparseable responses never raise
-  (they are invalid steps); stepping after `done` raises RuntimeError.
+  (they are invalid steps); stepping after `done` raises RuntimeError. `obs` is a str (valid text: no lone
+  surrogates), `reward` a finite real number, `info` a dict: rollout.py checks each at the boundary
+  (`checked_reset`, `checked_step`) and ends the episode as an env error otherwise, as it does for an exception.
+- Each env lives in its own process (envs/process.py; `--env-timeout`, default 600 s per call, 0 = in train.py's
+  process): it is built there from `--env` and `--env-kwargs`, and what reset and step return must pickle (str,
+  numbers, lists, dicts do). A call that hangs past the time-out ends its episode and the env is rebuilt.
 - `info` always has:
     task_id    str, identical for the same task instance (the group key for GRPO/RLOO/GiGPO)
     won        bool, the task is solved (success rate; a trajectory's `success` is its last step's `won`)
@@ -75,12 +80,17 @@ def check_arguments(env_cls, kwargs):
         return
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
-    for key in kwargs:
+    for key, value in kwargs.items():
         if key not in params:
             if key == "split":
                 raise ValueError("%s.__init__ takes no `split` argument: train.py builds every env with split='train' "
                                  "or split=<--eval-split> (add `split=\"train\"` to it; envs/__init__.py)" % env_cls.__name__)
             raise ValueError("%s.__init__ takes no argument %r (from --env-kwargs?)" % (env_cls.__name__, key))
+        default = params[key].default  # its type is the type the argument takes (JSON has no other way to say it)
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if kinds and not (isinstance(value, kinds) and (isinstance(default, bool) or not isinstance(value, bool))):
+            raise ValueError("%s.__init__ argument %r takes a %s (its default is %r), not %r (from --env-kwargs)"
+                             % (env_cls.__name__, key, type(default).__name__, default, value))
 
 
 def make(name, **kwargs):
@@ -112,7 +122,10 @@ def check(name, kwargs_json: str, splits: list) -> str | None:
         return f"--env-kwargs must be a JSON object, not {kwargs_json!r}"
     try:
         for split in dict.fromkeys(splits):
-            make(name, split=split, **kwargs)
+            env = make(name, split=split, **kwargs)
+            steps = getattr(env, "max_steps", 1)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                return f"--env {name!r}: its max_steps must be a whole number >= 1, not {steps!r}"
     except Exception as e:
         return f"--env {name!r}: {e}"
     return None

@@ -22,8 +22,15 @@ class CachedPddlEnv(textworld.envs.PddlEnv):
         self._logics, self.cache_size = OrderedDict(), cache_size
 
     def load(self, path):
-        data = json.load(open(path))
-        key = (data["pddl_domain"], data["grammar"])
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            key = (data["pddl_domain"], data["grammar"])
+            data["pddl_problem"]  # noqa: B018 (read below: a missing field is named here, with the file)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            what = f"no field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"alfworld: game file {path} is not a TextWorld PDDL game (a JSON object with "
+                             f"pddl_domain, grammar, pddl_problem): {what}") from None
         logic = self._logics.pop(key, None) or pddl_logic.GameLogic(domain=key[0], grammar=key[1])
         self._logics[key] = logic
         while len(self._logics) > self.cache_size:

@@ -155,8 +155,11 @@ def load_products(folder):
         if asin == "nan" or len(asin) > 10 or asin in seen:
             continue
         seen.add(asin)
-        options = {}
-        for name, contents in (p.get("customization_options") or {}).items():
+        options, given = {}, p.get("customization_options") or {}
+        if not isinstance(given, dict):
+            raise ValueError("webshop: %s: product %s field customization_options is a %s, not an object {name: "
+                             "[{\"value\", \"image\"}]}" % (path, asin, type(given).__name__))
+        for name, contents in given.items():
             if contents is None:
                 continue
             if not isinstance(contents, list) or not all(isinstance(c, dict) and isinstance(c.get("value"), str)

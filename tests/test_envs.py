@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import pytest
 
@@ -247,6 +248,21 @@ def test_alfworld_official_layout_loader(small_pools):
     assert sorted(AlfredTWEnv(config, "train").game_files) == sorted(train.games)
     with pytest.raises(ValueError, match="no ALFWorld games"):
         envs.make("alfworld", data_dir=cache + "/nothing-here")
+
+
+def test_a_garbage_alfworld_game_file_is_an_error_naming_the_file_and_field(small_pools, tmp_path):
+    train = small_pools[0]
+    copy = tmp_path / "data"
+    shutil.copytree(train.data_dir, copy)
+    env = envs.make("alfworld", split="train", data_dir=str(copy))
+    with open(env.games[0]) as f:
+        game = json.load(f)
+    for garbage, says in (("{not json", "JSONDecodeError"), (json.dumps({k: v for k, v in game.items() if k != "grammar"}),
+                                                             "no field 'grammar'")):
+        with open(env.games[0], "w") as f:
+            f.write(garbage)
+        with pytest.raises(ValueError, match=rf"alfworld: game file .*game.tw-pddl is not a TextWorld PDDL game .*{says}"):
+            env.reset(0)
 
 
 def test_alfworld_named_data_folder_never_falls_back_to_generated_games(small_pools, tmp_path, monkeypatch):

@@ -95,8 +95,8 @@ def test_cut_responses_max_steps_and_context_limit(tiny):
     assert 1 <= len(tr.steps) < 4 and not tr.terminated and tr.steps[-1].info["truncated"]
     assert all(not s.info["truncated"] for s in tr.steps[:-1])
     assert all(len(s.prompt_ids) + len(s.action_ids) <= p0 + 8 + 30 for s in tr.steps)
-    with pytest.raises(ValueError, match="first prompt"):
-        collect(engine, [CountEnv()], tok, [3], max_steps=4, max_new_tokens=8, temperature=1.0, max_len=p0)
+    tr = collect(engine, [CountEnv()], tok, [3], max_steps=4, max_new_tokens=8, temperature=1.0, max_len=p0)[0]
+    assert tr.end == "env_error" and not tr.steps and "first prompt" in tr.error  # too long to play: an env error
 
 
 def test_sync_moves_engine_to_new_weights(tiny):
@@ -343,3 +343,57 @@ def test_the_episode_token_budget_cuts_where_it_should(tiny):
         assert c.steps[-1].action_ids == f.steps[k].action_ids[:len(c.steps[-1].action_ids)]
         assert c.steps[-1].engine_logprobs == f.steps[k].engine_logprobs[:len(c.steps[-1].action_ids)]
         assert c.steps[-1].info["cut"] == (len(c.steps[-1].action_ids) < len(f.steps[k].action_ids))
+
+
+class Misbehaving(CountEnv):
+    """CountEnv that returns `bad` (a value outside the protocol) from reset or from its second step, or calls
+    sys.exit there."""
+    def __init__(self, where, bad):
+        super().__init__()
+        self.where, self.bad = where, bad
+
+    def reset(self, seed):
+        obs, info = super().reset(seed)
+        return self.bad(obs, info) if self.where == "reset" else (obs, info)
+
+    def step(self, response):
+        obs, reward, done, info = super().step(response)
+        return self.bad(obs, reward, done, info) if self.where == "step" and self.t == 2 else (obs, reward, done, info)
+
+
+def exits(*_):
+    raise SystemExit(0)
+
+
+MISBEHAVIOURS = {  # name -> (where, what the env returns instead, what the episode's error says)
+    "reward None": ("step", lambda o, r, d, i: (o, None, d, i), "reward None (NoneType) is not a finite number"),
+    "reward nan": ("step", lambda o, r, d, i: (o, float("nan"), d, i), "reward nan (float) is not a finite number"),
+    "reward inf": ("step", lambda o, r, d, i: (o, float("inf"), d, i), "reward inf"),
+    "reward str": ("step", lambda o, r, d, i: (o, "1", d, i), "reward '1' (str)"),
+    "info None": ("step", lambda o, r, d, i: (o, r, d, None), "info is a NoneType, not a dict"),
+    "obs dict": ("step", lambda o, r, d, i: ({"text": o}, r, d, i), "the observation is a dict, not a str"),
+    "obs bytes": ("step", lambda o, r, d, i: (o.encode(), r, d, i), "the observation is a bytes, not a str"),
+    "obs surrogate": ("step", lambda o, r, d, i: (o + "\ud800", r, d, i), "the observation is not valid text"),
+    "three values": ("step", lambda o, r, d, i: (o, r, d), "step returned a tuple, not (observation, reward, done, info)"),
+    "sys.exit in step": ("step", exits, "SystemExit"),
+    "first obs None": ("reset", lambda o, i: (None, i), "the first observation is a NoneType, not a str"),
+    "first obs 1 MB": ("reset", lambda o, i: ("x " * 500_000, i), "exceeds the context length"),
+    "info no task_id": ("reset", lambda o, i: (o, {}), "info has no task_id"),
+    "expert bytes": ("reset", lambda o, i: (o, {**i, "expert": b"next"}), "info['expert'] is a bytes, not a str"),
+    "sys.exit in reset": ("reset", exits, "SystemExit"),
+}
+
+
+@pytest.mark.parametrize("name", MISBEHAVIOURS)
+def test_what_an_env_returns_is_checked_at_the_boundary(tiny, name):
+    """A value outside the env protocol ends that episode as an env error (as an exception does), named in one line
+    with the env and the task seed; sys.exit() in env code too. The other episodes of the batch play on."""
+    model, tok = tiny
+    where, bad, says = MISBEHAVIOURS[name]
+    trajs = collect(HFEngine(model, tok), [Misbehaving(where, bad), CountEnv()], tok, [3, 3], max_steps=4,
+                    max_new_tokens=5, temperature=1.0, seed=0)
+    broken, fine = trajs
+    assert broken.end == "env_error" and not broken.success and says in broken.error
+    assert f"Misbehaving.{where}" in broken.error and "task seed 3" in broken.error
+    assert len(broken.steps) == (1 if where == "step" else 0)  # the steps before it are kept
+    assert fine.error is None and len(fine.steps) == 4 and fine.success

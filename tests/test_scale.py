@@ -265,7 +265,7 @@ def test_critic_can_be_another_model(tmp_path, tiny):
         assert json.load(f)["hidden_size"] == 64 != model.config.hidden_size
     Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "vocab_size": 64})).save_pretrained(tmp_path / "few-ids")
     with pytest.raises(SystemExit, match="--critic-model .* embeds 64 ids"):  # it could not read the policy's tokens
-        train.main(train.parse_config(TINY + ["--critic-model", str(tmp_path / "few-ids"), "--out", out]))
+        train.main(train.parse_config(TINY + ["--critic-model", str(tmp_path / "few-ids"), "--out", out + "-few-ids"]))
 
 
 class FakeLLM:

@@ -199,9 +199,11 @@ def test_compute_advantages_calls_exactly_the_table_entry():
         else:
             assert torch.all(real == mark), name
 
-def test_unknown_model_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--model 'no/such-model'"):
-        train.main(train.parse_config(TINY + ["--out", str(tmp_path / "m"), "--model", "no/such-model"]))
+def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(TINY + ["--out", str(tmp_path / "m"), "--model", "no/such-model"])
+    assert e.value.code == 2 and "--model 'no/such-model' is not in the local Hugging Face cache" in capsys.readouterr().err
 
 
 def test_non_finite_update_is_skipped():
@@ -502,7 +504,7 @@ def test_the_critic_starts_from_the_warm_started_policy(tmp_path, monkeypatch):
     (no update runs, so the checkpoint holds both as they were at the start of RL)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     keys = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref")
-    monkeypatch.setattr(train, "update", lambda *a, **k: {**dict.fromkeys(keys, 0.0), "skipped_updates": 0, "train_tokens": 1})
+    monkeypatch.setattr(train, "update", lambda *a, **k: {**dict.fromkeys(keys, 0.0), "skipped_updates": 0, "optimizer_steps": 1, "train_tokens": 1})
     out, _ = run(tmp_path, "--iters", "1")
     dcp_to_torch_save(os.path.join(out, "ckpt-0"), str(tmp_path / "ckpt.pt"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -570,7 +572,7 @@ def test_benchmark_run_folders_count_only_with_the_same_warm_start(tmp_path, mon
     monkeypatch.setattr(bl, "subprocess", types.SimpleNamespace(Popen=fake_run, STDOUT=None))  # bench_learning's only
     monkeypatch.setattr(bl.os, "wait4", lambda pid, opt: (1, 0, types.SimpleNamespace(ru_maxrss=1024)))
     bl.run_all([job])
-    assert launched == [(job["cmd"], False)]  # started afresh, not --resume'd from the old folder
+    assert launched == [(job["cmd"] + ["--overwrite"], False)]  # started afresh (over the old folder's files), not --resume'd
     entry = bl.load_results()["runs"][0]
     assert entry["final"] == 0.25 and entry["model_sha256"] == bl.model_sha256(bl.model_of(job)) == (out / "model_sha256").read_text()
     assert f"torch {torch.__version__}" in entry["install"]  # the record names what it ran on
@@ -917,10 +919,12 @@ def test_dynamic_sampling_keeps_informative_groups_and_fills_the_batch():
     assert len(kept) == 16 and all(len({t.total_reward for t in kept if t.task_id == k}) == 2
                                    for k in {t.task_id for t in kept})  # 4 mixed groups, whole
     assert stats["filtered_groups"] == pytest.approx((3 + sum(s % 2 for s in new)) / (4 + len(new)))
+    assert stats["played_episodes"] == 16 + 4 * len(new)  # the first round and every extra group: the episode budget
     never = train.parse_config(["--envs-per-iter", "16", "--group-size", "4", "--filter-groups", "--filter-rounds", "2"])
     kept, stats = train.dynamic_sampling(never, first, random.Random(0), torch.device("cpu"),
                                          lambda s, k: [t for g in range(len(s) // 4) for t in group(100 + g, uniform)])
     assert len(kept) == 4 and stats["sampling_rounds"] == 2  # the bound: what is informative after 2 rounds trains
+    assert stats["played_episodes"] == 16 + 12 + 12  # each extra round plays the missing 12 trajectories, whole groups
     none, _ = train.dynamic_sampling(never, group(1, uniform), random.Random(0), torch.device("cpu"), lambda s, k: [])
     assert len(none) == 4  # nothing informative at all: the first round's batch, unfiltered
 

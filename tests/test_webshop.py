@@ -76,6 +76,8 @@ def test_the_loader_parses_the_official_schema_as_the_official_code(tmp_path):
     (lambda f: open(os.path.join(f, webshop.FILES["products"]), "w").write("[{"), "cannot be read as JSON"),
     (lambda f: open(os.path.join(f, webshop.FILES["products"]), "w").write('{"a": 1}'), "is not a JSON list"),
     (lambda f: open(os.path.join(f, webshop.FILES["products"]), "w").write('[{"asin": "B1"}]'), "product 0 lacks"),
+    (lambda f: open(os.path.join(f, webshop.FILES["products"]), "w").write(json.dumps([product("B01", options=["red"])])),
+     "product B01 field customization_options is a list, not an object"),
 ])
 def test_a_missing_or_broken_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, damage, message):
     folder = write(tmp_path / "d", [product("B01")], {}, {})
