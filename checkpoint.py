@@ -257,4 +257,5 @@ def load_checkpoint(out, parts: dict) -> dict:
             reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}" if error else "another process failed"
             print(f"warning: --resume: checkpoint {path} is unreadable or corrupt ({reason}); trying the one before",
                   file=sys.stderr)
-    raise SystemExit(f"error: --resume: no readable checkpoint in {out} (tried {', '.join(map(os.path.basename, done))})")
+    tried = ", ".join(map(os.path.basename, done))
+    raise SystemExit(f"error: --resume: no readable checkpoint in {out} (tried {tried})")

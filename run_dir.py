@@ -1,6 +1,6 @@
 """A run folder (`--out`) belongs to one run (docs/scaling.md, "Long runs").
 
-    claim(cfg, master, device)   # before any model loads: --out writable, locked by this job, no other run's files in it
+    claim(cfg, master, device)   # before any model loads: --out writable, locked by this job, no other run's files
     release(cfg.out)             # at the end (train.main's finally): the lock goes, if it is this process's
     check_room(cfg.out, need)    # free space for one more checkpoint and final/, or one line
 
@@ -20,8 +20,8 @@ import time
 from scale import anywhere
 
 LOCK = "run.lock"
-RUN_FILES = re.compile(r"(ckpt-\d+(\.tmp)?|final(\.tmp)?|metrics\.jsonl|episodes\.jsonl|run\.json|report\.html|curve\.png|"
-                       r"tensorboard|wandb|engine_init)$")  # what train.py writes into --out
+RUN_FILES = re.compile(r"(ckpt-\d+(\.tmp)?|final(\.tmp)?|metrics\.jsonl|episodes\.jsonl|run\.json|report\.html|"
+                       r"curve\.png|tensorboard|wandb|engine_init)$")  # what train.py writes into --out
 RAN = re.compile(r"(ckpt-\d+|final|metrics\.jsonl|episodes\.jsonl)$")  # a run that got to its first evaluation: another
 # run's. A start stopped before (run.json alone) is not: the same command simply starts again (a new run.json)
 
@@ -97,8 +97,9 @@ def claim(cfg, master: bool, device):
         found = [] if problem or cfg.resume else _others_files(cfg.out)
         if found and not cfg.overwrite:
             release(cfg.out)
-            problem = (f"--out {cfg.out} holds another run ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): "
-                       f"continue it with --resume, start over with --overwrite (deletes those files), or choose another --out")
+            listed = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+            problem = (f"--out {cfg.out} holds another run ({listed}): continue it with --resume, start over with "
+                       f"--overwrite (deletes those files), or choose another --out")
         elif found:  # --overwrite: the old run's files go, nothing else in the folder is touched
             for name in found:
                 path = os.path.join(cfg.out, name)

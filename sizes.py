@@ -47,7 +47,7 @@ def host_memory_problem(cfg, env, tok, max_len: int, max_steps: int) -> str | No
                 "--eval-episodes": cfg.eval_episodes, "--sft-episodes": cfg.sft_episodes * bool(cfg.sft_steps)}
     n_envs = cfg.envs_per_iter + min(cfg.eval_episodes, cfg.envs_per_iter)
     need = {k: n * one for k, n in episodes.items()}
-    need["their env processes"] = n_envs * ENV_PROCESS_BYTES * (cfg.env_timeout > 0)  # as many as --envs-per-iter + eval
+    need["their env processes"] = n_envs * ENV_PROCESS_BYTES * (cfg.env_timeout > 0)  # --envs-per-iter + eval envs
     peak = max(need["--sft-episodes"], sum(need.values()) - need["--sft-episodes"])  # the warm start's episodes
     if peak <= free:  # are gone before the first iteration
         return None

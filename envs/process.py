@@ -11,7 +11,8 @@ child that dies (a segfault, os._exit), raises `EnvTimeout` / `EnvDied` in the c
 any env error does; the child is killed and a fresh one started with the same arguments, so the next episode gets a
 working env. An exception in the child (SystemExit included) comes back as `EnvRaised` with the child's traceback.
 Children are forked (Linux; spawned elsewhere), in their own session (a signal to the caller's process group does not
-reach them: the caller decides when they end, `close_all`); the caller's sys.path is passed on, so plugins import as they would in-process.
+reach them: the caller decides when they end, `close_all`); the caller's sys.path is passed on, so plugins import as
+they would in-process.
 """
 import multiprocessing as mp
 import os
@@ -151,9 +152,12 @@ class EnvProcess:
         self.ready()
 
     def send(self, method: str, *args):
-        """Start a call; `recv` returns its result."""
+        """Start a call; `recv` returns its result (a child that died since the last call: EnvDied there)."""
         self.pending = method
-        self.conn.send((method, args))
+        try:
+            self.conn.send((method, args))
+        except (OSError, ValueError):  # a broken pipe: recv finds the pipe closed and replaces the child
+            pass
 
     def recv(self, deadline: float | None = None):
         """The pending call's result, or EnvTimeout at `deadline` (time.monotonic(); default: now + timeout) / EnvDied
@@ -162,7 +166,8 @@ class EnvProcess:
         if deadline is None and self.timeout:
             deadline = time.monotonic() + self.timeout
         try:
-            while not (ready := self.conn.poll(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))):
+            while not (ready := self.conn.poll(1.0 if deadline is None else
+                                               min(1.0, max(0.0, deadline - time.monotonic())))):
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if stop_requested is not None and stop_requested():  # checked every second while waiting
@@ -182,7 +187,8 @@ class EnvProcess:
             self._replace()
             if ready:
                 raise EnvDied(f"{what}: the env's process ended without answering (exit code {code}); replaced")
-            raise EnvTimeout(f"{what} did not return in {self.timeout:g} s (--env-timeout); the env's process was replaced")
+            raise EnvTimeout(f"{what} did not return in {self.timeout:g} s (--env-timeout); the env's process was "
+                             f"replaced")
         if not ok:
             if what == "start":
                 raise ValueError(f"{self.name}: building the env in its process failed:\n{value}")

@@ -447,3 +447,19 @@ def test_sizes_that_cannot_fit_are_refused_before_the_envs_are_built(tmp_path, m
     with pytest.raises(SystemExit, match=rf"this run would hold ~[\d.]+ GiB in host memory \(.*{flag} .*GiB is "
                                          r"available: lower those sizes"):
         run(tmp_path, flag, value, "--group-size", "2")
+
+
+def test_an_env_process_killed_between_calls_is_replaced_on_the_next_one():
+    """The OOM killer takes an env's process while the trainer is busy elsewhere: the next call ends that episode
+    (EnvDied) instead of a broken pipe in the trainer, and the call after it has a fresh env."""
+    from envs.process import EnvDied, EnvProcess
+    env = EnvProcess("multihop", {"split": "train"}, timeout=30)
+    try:
+        first = env.reset(3)
+        env.proc.kill()
+        env.proc.join(5)
+        with pytest.raises(EnvDied, match="reset: the env's process ended without answering"):
+            env.reset(3)
+        assert env.reset(3) == first and env.proc.is_alive()
+    finally:
+        env.close()
