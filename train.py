@@ -496,7 +496,8 @@ def resume(cfg, parts, policy_ddp, critic_ddp, master) -> tuple[int, list]:
 
 # ------------------------------------------------------------------------------------------ main loop
 def main(cfg: Config):
-    """One run; SIGTERM and Ctrl-C end it after the iteration in progress, with a checkpoint (records.Preemption)."""
+    """One run; SIGTERM and Ctrl-C end it after the iteration in progress, with a checkpoint (records.Preemption);
+    at the end, however it ends, the envs' processes are closed and <out>/run.lock is released."""
     with Preemption() as preempted:
         envs.process.stop_requested = preempted.overdue  # an env that hangs cannot hold a signal back
         try:
@@ -532,7 +533,8 @@ def run(cfg: Config, preempted):
                                       cfg.max_steps or probe.max_steps):
         raise SystemExit(f"error: {problem}")
     train_envs = make_envs(cfg.env, {**kw, "split": "train"}, cfg.envs_per_iter, cfg.env_timeout)
-    eval_envs = make_envs(cfg.env, {**kw, "split": cfg.eval_split}, min(cfg.eval_episodes, cfg.envs_per_iter), cfg.env_timeout)
+    n_eval = min(cfg.eval_episodes, cfg.envs_per_iter)
+    eval_envs = make_envs(cfg.env, {**kw, "split": cfg.eval_split}, n_eval, cfg.env_timeout)
     max_steps, models = cfg.max_steps or train_envs[0].max_steps, (policy, computes)
     tools = getattr(train_envs[0], "tools", None)
     if tools and master and observation_role(tok, tools) == "user":  # the template renders no tools
