@@ -90,6 +90,18 @@ def torchrun_train(flags: list[str], port: int, env: dict | None = None, timeout
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "10",
+        "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
+
+
+def run(tmp_path, *flags, name="run"):
+    """train.main with the tiny budgets TINY and `flags` into tmp_path/name -> (out, metrics.jsonl rows)."""
+    import train
+    out = str(tmp_path / name)
+    train.main(train.parse_config(TINY + ["--out", out, *flags]))
+    return out, metric_rows(out)
+
+
 def metric_rows(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -19,19 +19,9 @@ import checkpoint
 import run_dir
 import scale
 import train
-from conftest import ROOT, metric_rows, torchrun_train
+from conftest import ROOT, TINY, metric_rows, run, torchrun_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "10",
-        "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
-
-
-def run(tmp_path, *flags, name="run"):
-    out = str(tmp_path / name)
-    train.main(train.parse_config(TINY + ["--out", out, *flags]))
-    return out, metric_rows(out)
-
-
 def no_models(monkeypatch):
     """Fail the test if a model is loaded: the check must come before."""
     monkeypatch.setattr(scale, "load_models", lambda *a, **k: pytest.fail("a model was loaded before the check"))
@@ -311,22 +301,29 @@ def test_iterations_that_skip_every_update_in_a_row_stop_the_run(tmp_path, monke
 
 
 # ------------------------------------------------------------------------------------------ 6: signals at any point
+def sigterm_after_start(cmd, out, env, settle, timeout):
+    """Start train.py `cmd`, wait for <out>/run.json (written before the warm start) and `settle` seconds more, send
+    SIGTERM -> (returncode, stderr, seconds from the signal to the exit)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    for _ in range(1200):
+        if os.path.exists(os.path.join(out, "run.json")) or p.poll() is not None:
+            break
+        time.sleep(0.1)
+    time.sleep(settle)
+    t = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err, time.time() - t
+
+
 def test_sigterm_during_the_warm_start_stops_within_seconds(tmp_path):
     """The warm start (here 100,000 steps, hours) is no iteration to finish: SIGTERM stops the process at once with
     128 + 15 and its lock released; before, the signal waited for the warm start to end."""
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--sft-steps", "100000", "--out", out]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for _ in range(1200):  # run.json is written just before the warm start begins
-        if os.path.exists(os.path.join(out, "run.json")) or p.poll() is not None:
-            break
-        time.sleep(0.1)
-    time.sleep(2)
-    t = time.time()
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 143 and time.time() - t < 10, (p.returncode, err[-2000:])
+    code, err, seconds = sigterm_after_start(cmd, out, {}, settle=2, timeout=60)  # in the warm start
+    assert code == 143 and seconds < 10, (code, err[-2000:])
     assert "SIGTERM received during start-up: stopping now" in err and "Traceback" not in err, err[-2000:]
     assert not os.path.exists(os.path.join(out, run_dir.LOCK)) and not checkpoint.checkpoints(out)
     _, rows = run(tmp_path)  # the same command again: a start that never trained is no other run
@@ -397,18 +394,9 @@ def test_sigterm_while_an_env_hangs_stops_within_seconds(tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--env", "hangs_env:Hangs", "--sft-steps", "0",
            "--out", out]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
-    time.sleep(1)
-    for _ in range(1200):  # the first evaluation plays seed 1, which hangs
-        if os.path.exists(os.path.join(out, "run.json")) or p.poll() is not None:
-            break
-        time.sleep(0.1)
-    time.sleep(3)
-    t = time.time()
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 143 and time.time() - t < 20, (p.returncode, err[-2000:])
+    code, err, seconds = sigterm_after_start(cmd, out, {"PYTHONPATH": str(tmp_path)}, settle=3,  # the first evaluation
+                                             timeout=120)  # plays seed 1, which hangs
+    assert code == 143 and seconds < 20, (code, err[-2000:])
     assert "stopped by SIGTERM: step of hangs_env:Hangs had not answered 10 s after it" in err, err[-2000:]
 
 

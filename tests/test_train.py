@@ -12,17 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import TIMING, assert_same_metrics, metric_rows, one_iteration, torchrun_train
-
-TINY = ["--iters", "2", "--envs-per-iter", "4", "--group-size", "2", "--max-steps", "3", "--max-new-tokens", "10",
-        "--sft-steps", "3", "--sft-episodes", "4", "--eval-episodes", "2", "--eval-every", "1", "--minibatch-size", "2"]
-
-
-def run(tmp_path, *flags, name="run"):
-    out = str(tmp_path / name)
-    train.main(train.parse_config(TINY + ["--out", out, *flags]))
-    return out, metric_rows(out)
-
+from conftest import TIMING, TINY, assert_same_metrics, metric_rows, one_iteration, run, torchrun_train
 
 @pytest.mark.parametrize("env", ["multihop", "alfworld"])
 @pytest.mark.parametrize("estimator,loss", [("step_gae", "step"), ("token_gae", "token"), ("grpo", "token"),
