@@ -101,11 +101,12 @@ def _state(parts: dict) -> dict:
     return state
 
 
-def needed_bytes(parts: dict) -> int:
+def needed_bytes(parts: dict, checkpoints: bool = True) -> int:
     """What one checkpoint of `parts` and final/ (the policy, merged) take on disk, from the tensors' sizes: each
-    model's saved weights (LoRA: the trained ones) and Adam's two fp32 moments per trained weight."""
+    model's saved weights (LoRA: the trained ones) and Adam's two fp32 moments per trained weight. checkpoints=False
+    (--save-every 0): final/ only."""
     total = 0
-    for model, opt in parts.values():
+    for model, opt in parts.values() if checkpoints else ():
         if model is not None:
             saved = [p for p in model.parameters() if opt is None or _trains_all(model) or p.requires_grad]
             total += sum(p.numel() * p.element_size() for p in saved)

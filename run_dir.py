@@ -121,9 +121,9 @@ def release(out):
         pass
 
 
-def check_room(out, need: int, master: bool):
+def check_room(out, need: int, master: bool, what: str = "a checkpoint and final/ need"):
     """Stop with one line when the filesystem of `out` has less than `need` bytes free (all processes together)."""
     free = shutil.disk_usage(out).free if master else need
     if anywhere(free < need):
-        raise SystemExit(f"error: {out} has {free / 2**20:.0f} MiB free; a checkpoint and final/ need "
+        raise SystemExit(f"error: {out} has {free / 2**20:.0f} MiB free; {what} "
                          f"{need / 2**20:.0f} MiB: make room or choose another --out" if master else 1)

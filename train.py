@@ -106,7 +106,7 @@ class Config:  # every field is a flag (--env-kwargs ...); its type and bounds a
     out: str = "runs/steppo"  # run folder: metrics.jsonl, ckpt-<iter>/, final/, curve.png
     resume: bool = False  # continue from the newest <out>/ckpt-<iter>/ (the same flags but a few: docs/scaling.md)
     overwrite: bool = False  # start over in an --out that holds another run: its files are deleted first
-    save_every: Count = 1  # checkpoint every this many iterations (and after the last); the newest two are kept
+    save_every: Size = 1  # checkpoint every this many iterations (and after the last); the newest two are kept; 0: none (final/ only; a stopped run cannot resume)
     max_env_errors: Share = 0.5  # stop when more than this share of an iteration's episodes end by an env exception
     env_timeout: NonNegative = 600.0  # seconds a reset or step may take: each env runs in its own process and one that hangs is replaced (an env error); 0: envs in this process, no time-out
     max_failures_in_a_row: Count = 3  # stop when this many checkpoint writes fail in a row, or this many iterations in a row skip every update
@@ -526,7 +526,8 @@ def run(cfg: Config, preempted):
     opt_p = scale.adamw(scale.trained(policy), cfg.lr, cfg)  # RL's; the warm start has its own
     opt_c = scale.adamw(scale.trained(critic), cfg.critic_lr, cfg) if critic else None
     parts = {"policy": (policy, opt_p), "critic": (critic, opt_c), "ref": (ref if ref is not policy else None, None)}
-    run_dir.check_room(cfg.out, checkpoint.needed_bytes(parts), master)  # a full disk stops now, not at the end
+    run_dir.check_room(cfg.out, checkpoint.needed_bytes(parts, cfg.save_every > 0), master,  # a full disk stops now,
+                       "a checkpoint and final/ need" if cfg.save_every else "final/ needs")  # not at the end
     kw, make_envs = json.loads(cfg.env_kwargs), envs.process.make_envs  # --env-timeout > 0: each in its own process
     probe = envs.make(cfg.env, split="train", **kw)  # sizes that cannot fit stop here, before the envs are built
     if problem := host_memory_problem(cfg, probe, tok, policy.config.max_position_embeddings,
@@ -627,7 +628,7 @@ def run(cfg: Config, preempted):
         failures["every update skipped"] = (failures["every update skipped"] + 1) * (
             st["skipped_updates"] == st["optimizer_steps"] > 0)  # the same on every process (reduced gradients)
         stop = preempted.requested()  # SIGTERM / Ctrl-C: this iteration's checkpoint, then leave (--resume continues)
-        if (it + 1) % cfg.save_every == 0 or it == cfg.iters - 1 or stop:  # every process writes its shards
+        if cfg.save_every and ((it + 1) % cfg.save_every == 0 or it == cfg.iters - 1 or stop):  # each process: its shards
             saved = checkpoint.save_checkpoint(cfg.out, it, parts, {"iter": it, "history": history, "config": dataclasses.asdict(cfg),
                                                                   "base_model": base_model})
             failures["checkpoint writes failed"] = (failures["checkpoint writes failed"] + 1) * (not saved)
@@ -638,8 +639,9 @@ def run(cfg: Config, preempted):
                                  f"{(checkpoint.checkpoints(cfg.out) or ['none'])[-1]}")
         if stop:
             if master:
-                print(f"stopped by {preempted.name} after iteration {it}: checkpoint {cfg.out}/ckpt-{it}; continue with "
-                      f"--resume", file=sys.stderr)
+                print(f"stopped by {preempted.name} after iteration {it}: " + (
+                      f"checkpoint {cfg.out}/ckpt-{it}; continue with --resume" if cfg.save_every else
+                      "no checkpoint (--save-every 0): the run cannot be resumed"), file=sys.stderr)
             engine.close()
             del policy_ddp, critic_ddp  # DDP's reducer holds the process group: freed before the group is destroyed
             scale.teardown()

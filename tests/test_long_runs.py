@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -234,6 +235,20 @@ def test_too_little_free_space_for_a_checkpoint_is_one_line_before_training(tmp_
     with pytest.raises(SystemExit, match=r"has 1 MiB free; a checkpoint and final/ need \d+ MiB"):
         run(tmp_path)
 
+
+
+def test_save_every_zero_writes_final_only_and_asks_room_for_final_only(tmp_path, monkeypatch, capsys):
+    out, rows = run(tmp_path, "--save-every", "0")  # a small disk: no checkpoints, the final model still written
+    assert len(rows) == 3 and not checkpoint.checkpoints(out) and os.path.exists(os.path.join(out, "final", "config.json"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+    need = {}
+    for flags, says in ((["--save-every", "0"], "final/ needs"), ([], "a checkpoint and final/ need")):
+        with pytest.raises(SystemExit, match=rf"has 1 MiB free; {says} \d+ MiB") as e:
+            run(tmp_path, *flags, name=f"full{len(flags)}")
+        need[len(flags)] = int(re.search(r"needs? (\d+) MiB", str(e.value)).group(1))
+    # the tiny policy (final/) alone, against policy + critic + two Adam moments each + final/ (about 7x)
+    assert 5 * need[2] <= need[0], need
 
 # ------------------------------------------------------------------------------------------ 4, 5, 8: what envs return
 BAD_ENV = '''

@@ -118,7 +118,7 @@ def test_resume_errors_are_clear(tmp_path):
     (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
     (["--step-clip-low", "1"], "--step-clip-low must be in [0, 1), not 1.0"),
     (["--max-env-errors", "1.5"], "--max-env-errors must be in [0, 1], not 1.5"),
-    (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--save-every", "-1"], "--save-every must be >= 0, not -1"),
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0, not -1"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
