@@ -4,6 +4,7 @@
     python bench/bench_smollm2.py --methods StepPO,PPO,GRPO    # the paper's question at this scale, same recipe
     python bench/bench_smollm2.py --tune --lrs 3e-6,1e-5       # choose the lr: tuning seed 100, validation questions
     python bench/bench_smollm2.py --report                     # tables and the curve from the runs recorded
+    python bench/bench_smollm2.py --time-warm-start            # the warm start again, alone: its wall time
 
 The recipe (RECIPE below; `train.py` flags only): bf16 on CPU (one process: a bf16 twin over fp32 masters), micro-
 batches with the LM head at action tokens, a short warm start on the impatient expert's demonstrations (SmolLM2
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -149,10 +151,22 @@ def main():
     ap.add_argument("--tune", action="store_true", help="tuning seed 100 on the validation split, at each of --lrs")
     ap.add_argument("--lrs", default="1e-5")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--time-warm-start", action="store_true",
+                    help="the shared warm start again, alone, into runs/bench_smollm2/warm-retime: its wall time and "
+                         "whether it repeats the recorded one's held-out success (the seeds keep using warm/final)")
     args = ap.parse_args()
     res = load()
     if args.report:
         return report(res)
+    if args.time_warm_start:
+        shutil.rmtree(os.path.join(RUNS, "warm-retime"), ignore_errors=True)
+        out, timing = run("warm-retime", [*RECIPE, *WARM], 0)
+        res["warm_start"]["retimed_alone"] = {**summary(out, timing), "date": time.strftime("%Y-%m-%d")}
+        save(res)
+        again = res["warm_start"]["retimed_alone"]
+        print(f"warm start alone: {again['run_wall_s']:.0f} s; held-out {again['end']:.3f} "
+              f"(recorded run: {res['warm_start']['end']:.3f})")
+        return None
     iters = int(RL[RL.index("--iters") + 1])
     warm, timing = run("warm", [*RECIPE, *WARM], 0)
     if timing is not None or "warm_start" not in res:  # a skipped run keeps the wall time it was recorded with

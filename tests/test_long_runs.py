@@ -20,7 +20,7 @@ import checkpoint
 import run_dir
 import scale
 import train
-from conftest import ROOT, TINY, metric_rows, run, torchrun_train
+from conftest import ROOT, TINY, metric_rows, run, sigterm_after_two_rows, torchrun_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 def no_models(monkeypatch):
@@ -249,6 +249,15 @@ def test_save_every_zero_writes_final_only_and_asks_room_for_final_only(tmp_path
         need[len(flags)] = int(re.search(r"needs? (\d+) MiB", str(e.value)).group(1))
     # the tiny policy (final/) alone, against policy + critic + two Adam moments each + final/ (about 7x)
     assert 5 * need[2] <= need[0], need
+
+
+def test_sigterm_with_save_every_zero_stops_without_a_checkpoint_and_says_so(tmp_path):
+    out = str(tmp_path / "run")
+    code, stderr = sigterm_after_two_rows([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--iters", "50",
+                                           "--save-every", "0", "--out", out], out)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    assert "no checkpoint (--save-every 0): the run cannot be resumed" in stderr
+    assert not checkpoint.checkpoints(out) and not os.path.exists(os.path.join(out, "final"))
 
 # ------------------------------------------------------------------------------------------ 4, 5, 8: what envs return
 BAD_ENV = '''
