@@ -515,6 +515,8 @@ def main(cfg: Config):
 def run(cfg: Config, preempted):
     rank, world, device = scale.setup_distributed()
     master = rank == 0
+    if device.type == "cpu":
+        scale.keep_freed_memory()  # no page faults for each large tensor again (glibc; docs/benchmarks.md)
     run_dir.claim(cfg, master, device)  # --out is this job's: writable, locked, no other run's files (or --overwrite)
     base_model = checkpoint.model_fingerprint(cfg.model)  # in every checkpoint: LoRA adapters resume on their base only
     if cfg.resume:

@@ -68,6 +68,8 @@ def measure(model_name: str, dtype: str, episodes: int, reps: int) -> dict:
     cfg = train.parse_config(["--model", model_name, "--dtype", dtype, "--micro-tokens", "4096",
                               "--envs-per-iter", str(episodes), "--out", "/tmp/bench_cpu_limit"])
     device = torch.device("cpu")
+    if os.environ.get("BENCH_MALLOC_DEFAULT") != "1":  # as train.py on the CPU; 1: glibc's default, for comparison
+        scale.keep_freed_memory()
     policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, device, "step")
     computes, pad_id = scale.unwrap(policy_ddp), get_pad_id(tok)
     opt_p, opt_c = scale.adamw(scale.trained(policy), cfg.lr, cfg), scale.adamw(scale.trained(critic), cfg.critic_lr, cfg)

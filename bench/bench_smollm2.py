@@ -118,7 +118,8 @@ def report(res):
 
 def plot(res):
     """results/smollm2_multihop.png: the tiny model's default run (seeds 0-2, 2026-11-27, results/default_run.json)
-    beside SmolLM2's recipe (every reported run), held-out greedy success per iteration."""
+    beside SmolLM2's recipe (every reported run: StepPO solid, PPO / GRPO dotted), held-out greedy success per
+    iteration."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,13 +134,13 @@ def plot(res):
     if os.path.exists(tune):  # how the recipe was chosen: dashed, on the validation questions
         with open(tune) as f:
             right.plot(*zip(*json.load(f)["eval"]), "o--", ms=3, color="grey", label="seed 100 (tuning, valid split)")
-    for key, s in sorted(res["runs"].items()):
-        if not key.startswith("tune"):
-            right.plot(*zip(*s["eval"]), "o-", ms=3, label=f"{key} (eval split)")
+    for key, s in sorted(res["runs"].items(), key=lambda kv: (not kv[0].startswith("StepPO"), kv[0])):
+        if not key.startswith("tune"):  # StepPO solid, the baselines (PPO, GRPO) dotted
+            right.plot(*zip(*s["eval"]), "o-" if key.startswith("StepPO") else "s:", ms=3, label=f"{key} (eval split)")
     right.set(title="SmolLM2-135M-Instruct, bench/bench_smollm2.py", xlabel="iteration")
     for ax in (left, right):
         ax.legend(fontsize=7)
-    fig.suptitle("StepPO on multihop, 2 CPU cores", fontsize=10)
+    fig.suptitle("Held-out success on multihop, 2 CPU cores (StepPO unless named)", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(ROOT, "bench", "results", "smollm2_multihop.png"), dpi=110)
 
