@@ -14,7 +14,9 @@ every thread torch uses. The work is train.py's own functions on train.py's layo
   generated tokens/s, FLOP/s = 2 x policy parameters x (prefilled + generated tokens).
 The update and the no-grad pass run on 16 expert episodes (the length of a warm-started policy's: 2-5 turns,
 ~150-250 tokens with SmolLM2's tokenizer), 2 minibatches of 8, --micro-tokens 4096 (the LM head at action tokens).
-Results, with the CPU model and library versions: docs/benchmarks.md.
+Results, with the CPU model and library versions: docs/benchmarks.md. Freed memory stays in the process, as in
+train.py on the CPU (scale.keep_freed_memory); BENCH_MALLOC_DEFAULT=1 keeps glibc's default, for the comparison in
+results/cpu_limit_malloc.json.
 """
 import argparse
 import json

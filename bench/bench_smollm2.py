@@ -162,11 +162,11 @@ def main():
     if args.time_warm_start:
         shutil.rmtree(os.path.join(RUNS, "warm-retime"), ignore_errors=True)
         out, timing = run("warm-retime", [*RECIPE, *WARM], 0)
-        res["warm_start"]["retimed_alone"] = {**summary(out, timing), "date": time.strftime("%Y-%m-%d")}
+        recorded = res.setdefault("warm_start", {})  # none yet: the retimed run is the only one
+        recorded["retimed_alone"] = again = {**summary(out, timing), "date": time.strftime("%Y-%m-%d")}
         save(res)
-        again = res["warm_start"]["retimed_alone"]
         print(f"warm start alone: {again['run_wall_s']:.0f} s; held-out {again['end']:.3f} "
-              f"(recorded run: {res['warm_start']['end']:.3f})")
+              f"(recorded run: {recorded.get('end', float('nan')):.3f})")
         return None
     iters = int(RL[RL.index("--iters") + 1])
     warm, timing = run("warm", [*RECIPE, *WARM], 0)
