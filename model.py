@@ -249,7 +249,7 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, L, H)
         with torch.autocast(h.device.type, enabled=False):  # the value head in fp32 even under bf16 autocast
             return self.head(h.float()).squeeze(-1)  # (B, L)
 
@@ -360,7 +360,7 @@ def step_logprobs(policy, b, entropy=True, head_at_actions=True):
     head = getattr(policy, "module", policy).get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, 1)[pos],)) if head_at_actions else None
     try:
-        logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (K, V) or (B, L, V)
+        logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits  # (K, V) or (B, L, V)
     finally:
         if hook is not None:
             hook.remove()

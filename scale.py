@@ -5,7 +5,8 @@ and resumes from: checkpoint.py.
 
     rank, world, device = setup_distributed()            # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     policy, policy_ddp, critic, critic_ddp, ref, tok = load_models(cfg, device, "step")   # placed by prepare:
-                                                         # --grad-ckpt, --dtype bf16 (a bf16 twin), --fsdp (FSDP2) or DDP
+                                                         # --grad-ckpt, --dtype bf16 (a bf16 twin), --fsdp (FSDP2) or DDP;
+                                                         # --compile: compile_layers
     for mb, real in even(split_rows(batch, cfg.micro_tokens), device): ...   # as many micro-batches on every process
 
 Memory arithmetic and the commands for 1.5B / 7B models on 8 x 80 GB: docs/scaling.md.
@@ -169,6 +170,23 @@ def refresh(model):
         t.copy_(master)
 
 
+def compile_layers(model):
+    """--compile: each decoder layer of `model` runs its training and no-grad forwards (the update, the no-grad
+    pass, the warm start: called without a KV cache) through torch.compile, which fuses the elementwise work around
+    the matrix products (RMSNorm, rotary, SwiGLU, residuals; forward and backward) into generated kernels; a forward
+    with a KV cache (generation) stays eager. The layers share one code object, so one compilation serves all of them
+    (a few variants: grad on / off, train / eval mode; dynamic sequence lengths). Not bit-identical to eager (other
+    fusion, other rounding). Measured on SmolLM2-135M: docs/benchmarks.md."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # past it: eager
+    hf = getattr(model, "backbone", model)
+    for layer in [m for m in model.modules() if type(m).__name__ in (hf._no_split_modules or ())]:
+        eager, compiled = layer.forward, torch.compile(layer.forward, dynamic=True)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            return (_eager if kwargs.get("past_key_values") is not None else _compiled)(*args, **kwargs)
+        layer.forward = forward
+
+
 def unwrap(model):
     """The module that computes: DDP's inner module, else the model itself (a bf16 twin, an FSDP2 module)."""
     return model.module if isinstance(model, DDP) else model
@@ -181,8 +199,13 @@ def load_models(cfg, device, with_critic):
     weights the caller sets after the warm start (None when --kl-coef is 0); critic None without one. --fsdp:
     `load_sharded` (one reader, shards only); else `load_full` (every process holds every model whole, as DDP does).
     --lora-rank > 0: the policy and the critic's backbone get LoRA adapters (`adapt`), only they (and the value head)
-    train, and ref is the policy itself: the caller runs it inside model.adapters_off (the base model)."""
-    return (load_sharded if cfg.fsdp else load_full)(cfg, device, with_critic)
+    train, and ref is the policy itself: the caller runs it inside model.adapters_off (the base model). --compile:
+    the decoder layers of what computes (`compile_layers`)."""
+    policy, policy_ddp, critic, critic_ddp, ref, tok = (load_sharded if cfg.fsdp else load_full)(cfg, device, with_critic)
+    for m in (policy_ddp, critic_ddp, ref) if cfg.compile else ():  # what computes: the bf16 twins (or the models)
+        if m is not None:
+            compile_layers(unwrap(m))
+    return policy, policy_ddp, critic, critic_ddp, ref, tok
 
 
 def adapt(model, cfg):

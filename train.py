@@ -58,6 +58,7 @@ class Config:  # every field is a flag (--env-kwargs ...); its type and bounds a
     dtype: Literal["fp32", "bf16"] = "fp32"  # fp32 | bf16: bf16 compute, fp32 master weights and Adam states (one process: a bf16 twin; vLLM then runs bf16)
     fsdp: bool = False  # shard policy, critic and (bf16) reference with FSDP2 under torchrun, rank 0 reading --model; else DDP
     grad_ckpt: bool = False  # gradient (activation) checkpointing in the policy and the critic
+    compile: bool = False  # torch.compile each decoder layer's training and no-grad forwards (one process; generation stays eager)
     lora_rank: Size = 0  # > 0: LoRA adapters of this rank train (policy; critic: + value head), base weights frozen; 0: off
     lora_alpha: Positive = 16.0  # LoRA's update is (alpha / rank) B A (verl's default alpha)
     lora_targets: str = "all-linear"  # Linear layers LoRA adapts: all-linear (all but the LM head) or names: q_proj,v_proj
@@ -137,6 +138,8 @@ def check_config(cfg: Config):
         return f"--estimator {cfg.estimator} compares trajectories of one task: it needs --group-size >= 2"
     if cfg.fsdp and "RANK" not in os.environ:
         return "--fsdp runs under torchrun (torchrun --nproc_per_node N train.py ...; N = 1 works)"
+    if cfg.compile and ("RANK" in os.environ or cfg.lora_rank or cfg.grad_ckpt):  # the combinations tested
+        return "--compile runs in one process (not under torchrun), without --lora-rank and --grad-ckpt"
     if cfg.lr_warmup >= 1 and cfg.lr_warmup != int(cfg.lr_warmup):
         return f"--lr-warmup is a whole number of iterations or a share of --iters below 1, not {cfg.lr_warmup}"
     if cfg.resume and cfg.overwrite:

@@ -406,3 +406,35 @@ print(default, applied, faults())
     if applied != "True":
         pytest.skip("not glibc: mallopt is not there")
     assert int(default) > 20 * 10_000 and int(kept) < 1_000, (default, kept)
+
+
+def test_compiled_layers_compute_what_eager_ones_do_and_generation_stays_eager(one_thread):
+    """--compile (scale.compile_layers): generation (forwards with a KV cache) runs the eager layers: no graph is
+    compiled and its tokens and log-probs are bit for bit the eager model's; the no-grad pass and the update run the
+    compiled layers (graphs appear) and give eager's losses and weights up to fp32 rounding (other fusion, other
+    order of sums)."""
+    from torch._dynamo.utils import counters
+    from conftest import CountEnv
+    from rollout import HFEngine, collect
+    cfg, trajs, out = train.parse_config(ARGS + ["--compile"]), synthetic(0) + synthetic(1), []
+    for compiled in (False, True):
+        policy, critic, ref, tok = models()
+        for m in (policy, critic, ref) if compiled else ():
+            scale.compile_layers(m)
+        graphs = counters["stats"]["unique_graphs"]
+        gen = collect(HFEngine(policy, tok), [CountEnv() for _ in range(2)], tok, [1, 2], max_steps=2,
+                      max_new_tokens=6, temperature=0.0)
+        assert counters["stats"]["unique_graphs"] == graphs
+        batches, fwd, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
+        opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
+        st = train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+        assert (counters["stats"]["unique_graphs"] > graphs) == compiled
+        out.append(([(s.action_ids, s.engine_logprobs) for t in gen for s in t.steps], st, fwd["old_lp"],
+                    policy.state_dict(), critic.state_dict()))
+    (gen_e, st_e, lp_e, pol_e, crit_e), (gen_c, st_c, lp_c, pol_c, crit_c) = out
+    assert gen_e == gen_c
+    assert torch.allclose(lp_e, lp_c, atol=1e-5)
+    for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"):
+        assert st_e[key] == pytest.approx(st_c[key], rel=1e-3, abs=1e-5), key
+    for a, b in ((pol_e, pol_c), (crit_e, crit_c)):
+        assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)

@@ -122,6 +122,7 @@ def test_resume_errors_are_clear(tmp_path):
     (["--env", "multihop", "--env-kwargs", '{"colour": 1}'], "--env 'multihop'"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0, not -1"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--compile", "--grad-ckpt"], "--compile runs in one process (not under torchrun), without --lora-rank and --grad-ckpt"),
     (["--report-to", "mlflow"], "--report-to takes a comma-separated list of none, tensorboard, wandb"),
     *([(["--report-to", "tensorboard,wandb"], "--report-to wandb needs the wandb package")]
       if importlib.util.find_spec("wandb") is None else []),
