@@ -2,6 +2,7 @@
 generation, each as a fraction of the GEMM rate measured in the same run.
 
     python bench/bench_cpu_limit.py                          # SmolLM2-135M, fp32 and bf16 -> bench/results/cpu_limit.json
+    python bench/bench_cpu_limit.py --compile                # ... and each dtype again under train.py --compile
     python bench/bench_cpu_limit.py --model tiny --dtypes bf16 --json-out /tmp/x.json    # a quick look
 
 The machine's limit: the best of 10 square 2048 x 2048 matrix products (2 M N K FLOP each) in fp32 and in bf16, on
@@ -66,8 +67,8 @@ def best_of(fn, reps):
     return best, out
 
 
-def measure(model_name: str, dtype: str, episodes: int, reps: int) -> dict:
-    cfg = train.parse_config(["--model", model_name, "--dtype", dtype, "--micro-tokens", "4096",
+def measure(model_name: str, dtype: str, episodes: int, reps: int, compiled: bool) -> dict:
+    cfg = train.parse_config(["--model", model_name, "--dtype", dtype, "--micro-tokens", "4096", *["--compile"] * compiled,
                               "--envs-per-iter", str(episodes), "--out", "/tmp/bench_cpu_limit"])
     device = torch.device("cpu")
     if os.environ.get("BENCH_MALLOC_DEFAULT") != "1":  # as train.py on the CPU; 1: glibc's default, for comparison
@@ -94,14 +95,16 @@ def measure(model_name: str, dtype: str, episodes: int, reps: int) -> dict:
     tokens = sum(int(m.b.attention_mask.sum()) for mb in batches for m in mb if m.real)
     computes.train()
     nograd = lambda: train.no_grad_pass(cfg, computes, scale.unwrap(critic_ddp), ref, batches, trajs, pad_id, device)  # noqa: E731
-    nograd()
+    nograd()  # --compile: the no-grad pass's layers compile
     t_fwd, fwd = best_of(nograd, reps)
     train.compute_advantages(cfg, trajs, batches, fwd["boot"], device)
     upd = lambda: train.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, device)  # noqa: E731
-    upd()  # the optimisers allocate their state
+    t_first = time.perf_counter()
+    upd()  # the optimisers allocate their state (--compile: the update's layers compile)
+    t_first = time.perf_counter() - t_first
     t_upd, st = best_of(upd, reps)
     assert st["train_tokens"] == tokens
-    return {"dtype": dtype, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
+    return {"dtype": dtype, "compile": compiled, "first_update_s": t_first, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
             "update": {"tokens": tokens, "seconds": t_upd, "tokens_per_s": tokens / t_upd,
                        "gflop_per_s": 6 * (P_pol + P_crit) * tokens / t_upd / 1e9},
             "no_grad_pass": {"tokens": tokens, "seconds": t_fwd, "tokens_per_s": tokens / t_fwd,
@@ -116,32 +119,35 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--episodes", type=int, default=16)
+    ap.add_argument("--compile", action="store_true", help="measure every dtype eager, then under --compile")
     ap.add_argument("--reps", type=int, default=2, help="timed repeats of the update and the no-grad pass (best kept)")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "bench", "results", "cpu_limit.json"))
     args = ap.parse_args()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     print(f"GEMM 2048^3: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s", flush=True)
     runs = []
-    for dtype in args.dtypes.split(","):
-        r = measure(args.model, dtype, args.episodes, args.reps)
+    for compiled, dtype in [(c, d) for c in ([False, True] if args.compile else [False]) for d in args.dtypes.split(",")]:
+        r = measure(args.model, dtype, args.episodes, args.reps, compiled)
         for part in ("update", "no_grad_pass", "generation"):
             r[part]["of_bf16_gemm"] = r[part]["gflop_per_s"] / gemm["bf16"]
             r[part]["of_own_gemm"] = r[part]["gflop_per_s"] / gemm[dtype]
-            print(f"{dtype} {part}: {r[part]['tokens_per_s']:.0f} tokens/s, {r[part]['gflop_per_s']:.0f} GFLOP/s = "
-                  f"{100 * r[part]['of_bf16_gemm']:.0f}% of the bf16 GEMM rate", flush=True)
+            print(f"{dtype}{' compiled' * compiled} {part}: {r[part]['tokens_per_s']:.0f} tokens/s, "
+                  f"{r[part]['gflop_per_s']:.0f} GFLOP/s = {100 * r[part]['of_bf16_gemm']:.0f}% of the bf16 GEMM rate", flush=True)
         runs.append(r)
-    by = {r["dtype"]: r for r in runs}
-    speedup = ({p: by["bf16"][p]["tokens_per_s"] / by["fp32"][p]["tokens_per_s"] for p in ("update", "no_grad_pass", "generation")}
-               if {"fp32", "bf16"} <= set(by) else None)
-    if speedup:
-        print("bf16 / fp32 tokens/s: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()))
+    by, speedup = {(r["dtype"], r["compile"]): r for r in runs}, {}
+    for compiled in sorted({r["compile"] for r in runs}):  # bf16 over fp32, each eager and each compiled
+        if ("bf16", compiled) in by and ("fp32", compiled) in by:
+            name = "compiled" if compiled else "eager"
+            speedup[name] = {p: by["bf16", compiled][p]["tokens_per_s"] / by["fp32", compiled][p]["tokens_per_s"]
+                             for p in ("update", "no_grad_pass", "generation")}
+            print(f"bf16 / fp32 tokens/s ({name}): " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup[name].items()))
     import importlib.metadata
     versions = {n: importlib.metadata.version(n) for n in ("torch", "transformers")}
     record = {"model": args.model, "machine": records.run_record(train.Config())["cpu"], "threads": torch.get_num_threads(),
               "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
               "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
               "python": platform.python_version(), "versions": versions, "date": time.strftime("%Y-%m-%d"),
-              "gemm_gflop_per_s": gemm, "runs": runs, "bf16_over_fp32": speedup}
+              "gemm_gflop_per_s": gemm, "runs": runs, "bf16_over_fp32": speedup or None}
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:
         json.dump(record, f, indent=1)
