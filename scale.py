@@ -113,9 +113,8 @@ def prepare(model, cfg, device, train=True):
     if cfg.fsdp:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # explicit: pytorch #132471
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for m in list(model.modules()):
-            if type(m).__name__ in (hf._no_split_modules or ()):  # the decoder layers
-                fully_shard(m, mesh=mesh, mp_policy=mp)
+        for m in decoder_layers(model):
+            fully_shard(m, mesh=mesh, mp_policy=mp)
         if hasattr(model, "head"):  # Critic: head(h.float()) needs fp32 weights, not the root's bf16
             fully_shard(model.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
         # the root keeps its weights gathered from forward to backward; the reference has no backward: it reshards
@@ -126,6 +125,13 @@ def prepare(model, cfg, device, train=True):
     if dtype != torch.float32:  # DDP and LoRA (and their reference): every forward under autocast; backward outside
         model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     return DDP(model) if train and dist.is_initialized() else model
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model (inside the critic: of its backbone): the modules its
+    `_no_split_modules` names, the units FSDP2 shards and --compile compiles."""
+    hf = getattr(model, "backbone", model)
+    return [m for m in model.modules() if type(m).__name__ in (hf._no_split_modules or ())]
 
 
 def cast(model, dtype):
@@ -178,8 +184,7 @@ def compile_layers(model):
     (a few variants: grad on / off, train / eval mode; dynamic sequence lengths). Not bit-identical to eager (other
     fusion, other rounding). Measured on SmolLM2-135M: docs/benchmarks.md."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # past it: eager
-    hf = getattr(model, "backbone", model)
-    for layer in [m for m in model.modules() if type(m).__name__ in (hf._no_split_modules or ())]:
+    for layer in decoder_layers(model):
         eager, compiled = layer.forward, torch.compile(layer.forward, dynamic=True)
 
         def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
