@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from steppo_loss import gathered_logprobs, token_entropy
+from unpad import Stream
 
 TINY = "tiny-qwen2-v3"  # bump the version when the recipe below changes (v3: multihop names in the BPE corpus)
 HAVE_ALFWORLD = importlib.util.find_spec("alfworld") is not None  # its texts go into the tiny BPE's corpus
@@ -237,7 +238,8 @@ def pad_id(tokenizer) -> int:
 class Critic(nn.Module):
     """A causal LM backbone (no LM head) + Linear(hidden, 1) value head initialised to zero, so V = 0 at start.
 
-    forward(input_ids (B, L), attention_mask (B, L)) -> values (B, L) fp32: values[b, j] = V(tokens <= j).
+    forward(input_ids (B, L), attention_mask (B, L)) -> values (B, L) fp32: values[b, j] = V(tokens <= j); other
+    keyword arguments go to the backbone (unpad.Stream's: input_ids (1, T) -> values (1, T)).
     Save and restore with `state_dict()` / `load_state_dict()`.
     """
 
@@ -248,8 +250,8 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, L, H)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state  # (B, L, H)
         with torch.autocast(h.device.type, enabled=False):  # the value head in fp32 even under bf16 autocast
             return self.head(h.float()).squeeze(-1)  # (B, L)
 
@@ -349,18 +351,25 @@ def save_adapter(model: nn.Module, state: dict, path: str, base: str) -> None:
 
 
 # ---------------------------------------------------------------- forward passes over a StepBatch (step_mdp.py), for the losses
-def step_logprobs(policy, b, entropy=True, head_at_actions=True):
+def step_logprobs(policy, b, entropy=True, head_at_actions=True, unpadded=False):
     """Log-probs (S, A) of batch b's action tokens under `policy` and their mean entropy (a float; None unless asked).
     head_at_actions: the LM head runs only at the K positions j - 1 that predict an action token j (a pre-hook hands
     it those hidden states, inside the DDP/FSDP forward), so the logits are (K, V), never (B, L, V). Off: the head
     runs at every position and the action rows are picked from its output: the same values, and the last bits of the
-    head's weight gradient as they always were (a GEMM over B * L rows, not K)."""
+    head's weight gradient as they always were (a GEMM over B * L rows, not K).
+    unpadded (--remove-padding): the rows' real tokens forwarded as one stream (unpad.Stream), the same values up to
+    rounding."""
     keep = b.action_step_mask > 0  # (S, A)
     pos = (b.action_index - 1)[keep]  # (K,) flat positions in (B * L)
+    if unpadded:
+        stream = Stream(b.attention_mask)
+        inputs, pos = stream.inputs(b.input_ids), stream.index[pos]  # (K,) positions in the stream of T tokens
+    else:
+        inputs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
     head = getattr(policy, "module", policy).get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, 1)[pos],)) if head_at_actions else None
     try:
-        logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits  # (K, V) or (B, L, V)
+        logits = policy(**inputs, use_cache=False).logits  # (K, V) or (B, L, V) ((1, T, V) unpadded)
     finally:
         if hook is not None:
             hook.remove()
@@ -373,10 +382,14 @@ def step_logprobs(policy, b, entropy=True, head_at_actions=True):
     return lp, ((ent * b.action_step_mask).sum() / b.action_step_mask.sum().clamp(min=1)).item()
 
 
-def critic_outputs(critic, b):
+def critic_outputs(critic, b, unpadded=False):
     """Step values V(s_t) (S,), read before each step's first action token, and token values (S, A), read at
-    position j - 1 for the action token at j (what token-level PPO uses)."""
-    values = critic(b.input_ids, b.attention_mask)  # (B, L)
+    position j - 1 for the action token at j (what token-level PPO uses). unpadded: as in step_logprobs."""
+    if unpadded:
+        stream = Stream(b.attention_mask)
+        values = stream.pad(critic(**stream.inputs(b.input_ids))[..., None])[..., 0]  # (1, T) -> (B, L)
+    else:
+        values = critic(b.input_ids, b.attention_mask)  # (B, L)
     v_step = values[b.step_row, b.value_positions]  # (S,)
     v_tok = b.gather_steps(torch.nn.functional.pad(values[:, :-1], (1, 0)))  # (S, A)
     return values, v_step, v_tok

@@ -25,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Critic, add_adapters, load_critic, load_policy, load_tokenizer, resolve
+import unpad
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # FSDP2 warns when a unit returns a view (the critic's values, a 3-D Linear): we never modify module outputs in place
@@ -205,9 +206,13 @@ def load_models(cfg, device, with_critic):
     `load_sharded` (one reader, shards only); else `load_full` (every process holds every model whole, as DDP does).
     --lora-rank > 0: the policy and the critic's backbone get LoRA adapters (`adapt`), only they (and the value head)
     train, and ref is the policy itself: the caller runs it inside model.adapters_off (the base model). --compile:
-    the decoder layers of what computes (`compile_layers`)."""
+    the decoder layers of what computes (`compile_layers`). --remove-padding: what computes attends per row segment
+    (`unpad.use`)."""
     policy, policy_ddp, critic, critic_ddp, ref, tok = (load_sharded if cfg.fsdp else load_full)(cfg, device, with_critic)
-    for m in (policy_ddp, critic_ddp, ref) if cfg.compile else ():  # what computes: the bf16 twins (or the models)
+    for m in (policy_ddp, critic_ddp, ref) if cfg.remove_padding else ():  # what computes: the bf16 twins (or the models)
+        if m is not None:
+            unpad.use(unwrap(m))
+    for m in (policy_ddp, critic_ddp, ref) if cfg.compile else ():
         if m is not None:
             compile_layers(unwrap(m))
     return policy, policy_ddp, critic, critic_ddp, ref, tok

@@ -59,6 +59,7 @@ class Config:  # every field is a flag (--env-kwargs ...); its type and bounds a
     fsdp: bool = False  # shard policy, critic and (bf16) reference with FSDP2 under torchrun, rank 0 reading --model; else DDP
     grad_ckpt: bool = False  # gradient (activation) checkpointing in the policy and the critic
     compile: bool = False  # torch.compile each decoder layer's training and no-grad forwards (one process; generation stays eager)
+    remove_padding: bool = False  # training forwards run each micro-batch's real tokens as one stream, attention per row (veRL's use_remove_padding; unpad.py)
     lora_rank: Size = 0  # > 0: LoRA adapters of this rank train (policy; critic: + value head), base weights frozen; 0: off
     lora_alpha: Positive = 16.0  # LoRA's update is (alpha / rank) B A (verl's default alpha)
     lora_targets: str = "all-linear"  # Linear layers LoRA adapts: all-linear (all but the LM head) or names: q_proj,v_proj
@@ -279,13 +280,13 @@ def no_grad_pass(cfg, policy, critic, ref, batches, trajs, pad_id, device) -> di
     kl_sum, n_tok, at_actions = 0.0, 0.0, cfg.micro_tokens > 0
     for m in (m for mb in batches for m in mb):
         b = m.b
-        lp = step_logprobs(policy, b, False, at_actions)[0].float()  # (S, A)
+        lp = step_logprobs(policy, b, False, at_actions, cfg.remove_padding)[0].float()  # (S, A)
         m.out["old_lp"] = lp
         if ref is not None:
             with adapters_off(ref):  # --lora-rank: ref is the policy, run as its base model (else a no-op)
-                m.out["ref_lp"] = step_logprobs(ref, b, False, at_actions)[0].float()
+                m.out["ref_lp"] = step_logprobs(ref, b, False, at_actions, cfg.remove_padding)[0].float()
         if critic is not None:
-            _, v_step, v_tok = critic_outputs(critic, b)  # (S,), (S, A)
+            _, v_step, v_tok = critic_outputs(critic, b, cfg.remove_padding)  # (S,), (S, A)
             m.out["v_step"], m.out["v_tok"] = v_step.float(), v_tok.float()
         else:
             m.out["v_step"], m.out["v_tok"] = torch.zeros_like(lp[:, 0]), torch.zeros_like(lp)
@@ -375,7 +376,7 @@ def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
         micro, nll = scale.even(split_rows(full, cfg.micro_tokens), device), 0.0
         for k, (mb, real) in enumerate(micro):
             b = mb.to(device)
-            lp, _ = step_logprobs(policy, b, False, cfg.micro_tokens > 0)
+            lp, _ = step_logprobs(policy, b, False, cfg.micro_tokens > 0, cfg.remove_padding)
             loss = -(lp * b.action_step_mask).sum() / full.action_step_mask.sum().clamp(min=1).to(device) * real
             with scale.no_sync(policy, last=k == len(micro) - 1):
                 loss.backward()
@@ -403,7 +404,7 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
                 if not train_policy:  # --critic-warmup: the critic's loss only
                     critic_step(cfg, critic, m, last, st)
                     continue
-                lp, ent = step_logprobs(policy, b, True, cfg.micro_tokens > 0)  # (S, A)
+                lp, ent = step_logprobs(policy, b, True, cfg.micro_tokens > 0, cfg.remove_padding)  # (S, A)
                 old = m.out["old_lp"]  # the trainer's log-probs before this update (pi_old)
                 if epoch == 0:  # the first pass's ratio per step and whether it was clipped (the episode file)
                     m.out["ratio"], m.out["clipped"] = step_ratios(lp, old, mask, per_step, loss.clip and loss.clip(cfg))
@@ -436,7 +437,7 @@ def critic_step(cfg, critic, m, last, st):
     boundaries for a step critic, V before every action token for a token critic."""
     if critic is None:
         return
-    _, v_step, v_tok = critic_outputs(critic, m.b)
+    _, v_step, v_tok = critic_outputs(critic, m.b, cfg.remove_padding)
     if ESTIMATORS[cfg.estimator].critic == "token":  # token-level critic targets
         vl, w_v = value_loss(v_tok, m.out["v_tok"], m.out["ret_tok"], m.b.action_step_mask, cfg.vf_clip), m.w_tok
     else:  # step-level critic: V(s_t) at step boundaries

@@ -3,10 +3,12 @@ generation, each as a fraction of the GEMM rate measured in the same run.
 
     python bench/bench_cpu_limit.py                          # SmolLM2-135M, fp32 and bf16 -> bench/results/cpu_limit.json
     python bench/bench_cpu_limit.py --compile                # ... and each dtype again under train.py --compile
+    python bench/bench_cpu_limit.py --compile --remove-padding   # ... and again under --compile --remove-padding
     python bench/bench_cpu_limit.py --model tiny --dtypes bf16 --json-out /tmp/x.json    # a quick look
 
 The machine's limit: the best of 10 square 2048 x 2048 matrix products (2 M N K FLOP each) in fp32 and in bf16, on
-every thread torch uses. The work is train.py's own functions on train.py's layout (`scale.load_models`: under
+every thread torch uses, measured before the models and again after them; each share below is against the higher of
+the two (the machine's speed drifts within a run). The work is train.py's own functions on train.py's layout (`scale.load_models`: under
 --dtype bf16 one process computes with a bf16 twin over fp32 master weights), on multihop:
 - update (`train.update`, policy + critic, AdamW steps included): tokens/s over the collated rows' tokens, FLOP/s =
   6 x (policy + critic parameters) x tokens; the first call (the optimisers' state is allocated) is not timed;
@@ -67,8 +69,8 @@ def best_of(fn, reps):
     return best, out
 
 
-def measure(model_name: str, dtype: str, episodes: int, reps: int, compiled: bool) -> dict:
-    cfg = train.parse_config(["--model", model_name, "--dtype", dtype, "--micro-tokens", "4096", *["--compile"] * compiled,
+def measure(model_name: str, dtype: str, episodes: int, reps: int, flags: list) -> dict:
+    cfg = train.parse_config(["--model", model_name, "--dtype", dtype, "--micro-tokens", "4096", *flags,
                               "--envs-per-iter", str(episodes), "--out", "/tmp/bench_cpu_limit"])
     device = torch.device("cpu")
     if os.environ.get("BENCH_MALLOC_DEFAULT") != "1":  # as train.py on the CPU; 1: glibc's default, for comparison
@@ -93,6 +95,7 @@ def measure(model_name: str, dtype: str, episodes: int, reps: int, compiled: boo
     trajs = collect(engine, env_list, tok, [10_000_000 + i for i in range(episodes)], 8, 256, 0.0, expert=True)
     batches = train.minibatches(cfg, trajs, pad_id, device, torch.Generator().manual_seed(0))
     tokens = sum(int(m.b.attention_mask.sum()) for mb in batches for m in mb if m.real)
+    positions = sum(m.b.attention_mask.numel() for mb in batches for m in mb if m.real)  # with padding
     computes.train()
     nograd = lambda: train.no_grad_pass(cfg, computes, scale.unwrap(critic_ddp), ref, batches, trajs, pad_id, device)  # noqa: E731
     nograd()  # --compile: the no-grad pass's layers compile
@@ -104,8 +107,8 @@ def measure(model_name: str, dtype: str, episodes: int, reps: int, compiled: boo
     t_first = time.perf_counter() - t_first
     t_upd, st = best_of(upd, reps)
     assert st["train_tokens"] == tokens
-    return {"dtype": dtype, "compile": compiled, "first_update_s": t_first, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
-            "update": {"tokens": tokens, "seconds": t_upd, "tokens_per_s": tokens / t_upd,
+    return {"dtype": dtype, "flags": flags, "first_update_s": t_first, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
+            "update": {"tokens": tokens, "padded_positions": positions, "seconds": t_upd, "tokens_per_s": tokens / t_upd,
                        "gflop_per_s": 6 * (P_pol + P_crit) * tokens / t_upd / 1e9},
             "no_grad_pass": {"tokens": tokens, "seconds": t_fwd, "tokens_per_s": tokens / t_fwd,
                              "gflop_per_s": 2 * (P_pol + P_crit + P_ref) * tokens / t_fwd / 1e9},
@@ -120,25 +123,32 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--compile", action="store_true", help="measure every dtype eager, then under --compile")
+    ap.add_argument("--remove-padding", action="store_true", help="... then under --remove-padding (with --compile: both)")
     ap.add_argument("--reps", type=int, default=2, help="timed repeats of the update and the no-grad pass (best kept)")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "bench", "results", "cpu_limit.json"))
     args = ap.parse_args()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     print(f"GEMM 2048^3: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s", flush=True)
+    settings = [[]] + [["--compile"]] * args.compile + [["--compile"] * args.compile + ["--remove-padding"]] * args.remove_padding
     runs = []
-    for compiled, dtype in [(c, d) for c in ([False, True] if args.compile else [False]) for d in args.dtypes.split(",")]:
-        r = measure(args.model, dtype, args.episodes, args.reps, compiled)
+    for flags in settings:
+        for dtype in args.dtypes.split(","):
+            runs.append(measure(args.model, dtype, args.episodes, args.reps, flags))
+            print(f"{dtype} {' '.join(flags) or 'eager'}: " + ", ".join(f"{part} {runs[-1][part]['tokens_per_s']:.0f} tokens/s"
+                                                                  for part in ("update", "no_grad_pass", "generation")), flush=True)
+    gemm_after = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    print(f"GEMM 2048^3 after the models: fp32 {gemm_after['fp32']:.0f} GFLOP/s, bf16 {gemm_after['bf16']:.0f} GFLOP/s", flush=True)
+    limit = {d: max(gemm[d], gemm_after[d]) for d in gemm}
+    for r in runs:
         for part in ("update", "no_grad_pass", "generation"):
-            r[part]["of_bf16_gemm"] = r[part]["gflop_per_s"] / gemm["bf16"]
-            r[part]["of_own_gemm"] = r[part]["gflop_per_s"] / gemm[dtype]
-            print(f"{dtype}{' compiled' * compiled} {part}: {r[part]['tokens_per_s']:.0f} tokens/s, "
+            r[part]["of_bf16_gemm"] = r[part]["gflop_per_s"] / limit["bf16"]
+            r[part]["of_own_gemm"] = r[part]["gflop_per_s"] / limit[r["dtype"]]
+            print(f"{r['dtype']} {' '.join(r['flags']) or 'eager'} {part}: {r[part]['tokens_per_s']:.0f} tokens/s, "
                   f"{r[part]['gflop_per_s']:.0f} GFLOP/s = {100 * r[part]['of_bf16_gemm']:.0f}% of the bf16 GEMM rate", flush=True)
-        runs.append(r)
-    by, speedup = {(r["dtype"], r["compile"]): r for r in runs}, {}
-    for compiled in sorted({r["compile"] for r in runs}):  # bf16 over fp32, each eager and each compiled
-        if ("bf16", compiled) in by and ("fp32", compiled) in by:
-            name = "compiled" if compiled else "eager"
-            speedup[name] = {p: by["bf16", compiled][p]["tokens_per_s"] / by["fp32", compiled][p]["tokens_per_s"]
+    by, speedup = {(r["dtype"], " ".join(r["flags"]) or "eager"): r for r in runs}, {}
+    for name in dict.fromkeys(" ".join(f) or "eager" for f in settings):  # bf16 over fp32, like for like
+        if ("bf16", name) in by and ("fp32", name) in by:
+            speedup[name] = {p: by["bf16", name][p]["tokens_per_s"] / by["fp32", name][p]["tokens_per_s"]
                              for p in ("update", "no_grad_pass", "generation")}
             print(f"bf16 / fp32 tokens/s ({name}): " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup[name].items()))
     import importlib.metadata
@@ -147,7 +157,7 @@ def main():
               "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
               "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
               "python": platform.python_version(), "versions": versions, "date": time.strftime("%Y-%m-%d"),
-              "gemm_gflop_per_s": gemm, "runs": runs, "bf16_over_fp32": speedup or None}
+              "gemm_gflop_per_s": gemm, "gemm_gflop_per_s_after": gemm_after, "runs": runs, "bf16_over_fp32": speedup or None}
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:
         json.dump(record, f, indent=1)

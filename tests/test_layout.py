@@ -4,7 +4,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ["step_mdp", "credit", "steppo_loss", "model", "rollout", "scale", "records", "cli", "train"]
+CORE = ["step_mdp", "credit", "steppo_loss", "model", "unpad", "rollout", "scale", "records", "cli", "train"]
 
 
 def modules() -> dict[str, str]:

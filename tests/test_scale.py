@@ -438,3 +438,78 @@ def test_compiled_layers_compute_what_eager_ones_do_and_generation_stays_eager(o
         assert st_e[key] == pytest.approx(st_c[key], rel=1e-3, abs=1e-5), key
     for a, b in ((pol_e, pol_c), (crit_e, crit_c)):
         assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
+
+
+def test_stream_lays_the_real_tokens_end_to_end():
+    """unpad.Stream on a hand-worked (2, 4) batch: rows of 3 and 2 real tokens."""
+    from unpad import Stream
+    mask, ids = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    s = Stream(mask)
+    assert s.lengths == [3, 2] and s.index.tolist() == [0, 1, 2, -1, 3, 4, -1, -1] and s.real_at.tolist() == [0, 1, 2, 4, 5]
+    inputs = s.inputs(ids)
+    assert inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9]] and inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert "attention_mask" not in inputs and inputs["unpad_stream"] is s
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]], requires_grad=True)
+    padded = s.pad(values[..., None])[..., 0]
+    assert padded.tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
+    (padded * torch.arange(8.0).view(2, 4)).sum().backward()  # each stream value's gradient: its padded place's weight
+    assert values.grad.tolist() == [[0, 1, 2, 4, 5]]
+    with pytest.raises(ValueError, match="right-padded"):
+        Stream(torch.tensor([[0, 1, 1]]))
+
+
+def test_segment_backward_equals_autograd_through_causal_attention(one_thread):
+    """unpad.segment_backward (the gradients --remove-padding's attention uses on CPU) against autograd through
+    attention written out in fp64 (softmax of masked scores), with grouped heads (GQA) and one-token segments."""
+    from unpad import SegmentAttention
+    g = torch.Generator().manual_seed(0)
+    for l, heads, kv in ((1, 2, 1), (7, 4, 2), (33, 6, 3)):
+        q, k, v = (torch.randn(1, n, l, 8, generator=g, dtype=torch.float64) for n in (heads, kv, kv))
+        d_out = torch.randn(1, heads, l, 8, generator=g, dtype=torch.float64)
+        grads = []
+        for own in (True, False):
+            x = [t.clone().float().requires_grad_() for t in (q, k, v)] if own else [t.clone().requires_grad_() for t in (q, k, v)]
+            if own:
+                out = SegmentAttention.apply(*x, 8 ** -0.5)
+            else:  # the loop-free definition: softmax over the keys at or before each query
+                kk, vv = (t.repeat_interleave(heads // kv, 1) for t in x[1:])
+                scores = (x[0] @ kk.transpose(-1, -2)) * 8 ** -0.5
+                out = scores.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ vv
+            (out * (d_out.float() if own else d_out)).sum().backward()
+            grads.append([out.detach().double()] + [t.grad.double() for t in x])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5), (l, heads, kv)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_remove_padding_computes_what_padded_rows_do_and_generation_is_unchanged(pack, one_thread):
+    """--remove-padding (unpad.py): the no-grad pass (pi_old, reference, critic values) and the update give the padded
+    batch's numbers up to fp32 rounding, on micro-batches that hold padding; generation (padded prompts, a KV cache)
+    through the segment attention is bit for bit transformers' SDPA."""
+    import unpad
+    from conftest import CountEnv
+    from rollout import HFEngine, collect
+    flags = ARGS + ["--micro-tokens", "1000"] + ([] if pack else ["--no-pack"])  # rows of several lengths together
+    trajs, out = synthetic(0) + synthetic(1), []
+    for unpadded in (False, True):
+        cfg = train.parse_config(flags + ["--remove-padding"] * unpadded)
+        policy, critic, ref, tok = models()
+        for m in (policy, critic, ref) if unpadded else ():
+            unpad.use(m)
+        gen = collect(HFEngine(policy, tok), [CountEnv() for _ in range(3)], tok, [1, 2, 3], max_steps=2,
+                      max_new_tokens=6, temperature=1.0, seed=0)
+        batches, fwd, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
+        assert any((m.b.attention_mask == 0).any() for mb in batches for m in mb)  # there is padding to remove
+        opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
+        st = train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+        out.append(([(s.action_ids, s.engine_logprobs) for t in gen for s in t.steps], fwd, st,
+                    policy.state_dict(), critic.state_dict()))
+    (gen_p, fwd_p, st_p, pol_p, crit_p), (gen_u, fwd_u, st_u, pol_u, crit_u) = out
+    assert gen_p == gen_u
+    for key in ("old_lp", "ref_lp", "v_step", "v_tok"):
+        assert torch.allclose(fwd_p[key], fwd_u[key], atol=1e-5), key
+    assert fwd_p["v_step"].abs().max() > 1e-3  # the critic's values are not all zero (a random value head)
+    for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "kl_ref"):
+        assert st_p[key] == pytest.approx(st_u[key], rel=1e-3, abs=1e-5), key
+    for a, b in ((pol_p, pol_u), (crit_p, crit_u)):
+        assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
