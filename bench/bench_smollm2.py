@@ -118,8 +118,8 @@ def report(res):
 
 def plot(res):
     """results/smollm2_multihop.png: the tiny model's default run (seeds 0-2, 2026-11-27, results/default_run.json)
-    beside SmolLM2's recipe (every reported run: StepPO solid, PPO / GRPO dotted), held-out greedy success per
-    iteration."""
+    beside SmolLM2's recipe (every reported run: a colour per method, StepPO solid, PPO / GRPO dotted, a marker per
+    seed), held-out greedy success per iteration."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,12 +134,19 @@ def plot(res):
     if os.path.exists(tune):  # how the recipe was chosen: dashed, on the validation questions
         with open(tune) as f:
             right.plot(*zip(*json.load(f)["eval"]), "o--", ms=3, color="grey", label="seed 100 (tuning, valid split)")
+    colors, labelled = {"StepPO": "tab:blue", "PPO": "tab:orange", "GRPO": "tab:green"}, set()
     for key, s in sorted(res["runs"].items(), key=lambda kv: (not kv[0].startswith("StepPO"), kv[0])):
-        if not key.startswith("tune"):  # StepPO solid, the baselines (PPO, GRPO) dotted
-            right.plot(*zip(*s["eval"]), "o-" if key.startswith("StepPO") else "s:", ms=3, label=f"{key} (eval split)")
+        if key.startswith("tune"):
+            continue
+        method, seed = key.split("/seed")  # a colour per method (StepPO solid, the baselines dotted), a marker per seed
+        seeds = sorted(k.split("/seed")[1] for k in res["runs"] if k.startswith(method + "/"))
+        right.plot(*zip(*s["eval"]), "-" if method == "StepPO" else ":", marker="os^dv"[int(seed) % 5], ms=3.5,
+                   color=colors.get(method, "black"),
+                   label=None if method in labelled else f"{method}, seeds {', '.join(seeds)} (o s ^; eval split)")
+        labelled.add(method)
     right.set(title="SmolLM2-135M-Instruct, bench/bench_smollm2.py", xlabel="iteration")
     left.legend(fontsize=7)
-    right.legend(fontsize=6, ncol=2, loc="upper left", framealpha=0.7)  # above the curves: none starts above 0.25
+    right.legend(fontsize=6.5, loc="upper left", framealpha=0.7)  # above the curves: none starts above 0.25
     fig.suptitle("Held-out success on multihop, 2 CPU cores (StepPO unless named)", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(ROOT, "bench", "results", "smollm2_multihop.png"), dpi=110)
