@@ -96,6 +96,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention signature: query (1, H, T, D), key / value (1, KV, T, D) -> ((1, T, H, D), None)."""
     if unpad_stream is None:  # generation, a padded forward: transformers' SDPA as it is
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(f"--remove-padding: the model's attention dropout {dropout} (segment attention has none)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     own = query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
     parts = [SegmentAttention.apply(q, k, v, scale) if own else
