@@ -209,11 +209,10 @@ def load_models(cfg, device, with_critic):
     the decoder layers of what computes (`compile_layers`). --remove-padding: what computes attends per row segment
     (`unpad.use`)."""
     policy, policy_ddp, critic, critic_ddp, ref, tok = (load_sharded if cfg.fsdp else load_full)(cfg, device, with_critic)
-    for m in (policy_ddp, critic_ddp, ref) if cfg.remove_padding else ():  # what computes: the bf16 twins (or the models)
-        if m is not None:
+    for m in (m for m in (policy_ddp, critic_ddp, ref) if m is not None):  # what computes: the bf16 twins (or the models)
+        if cfg.remove_padding:
             unpad.use(unwrap(m))
-    for m in (policy_ddp, critic_ddp, ref) if cfg.compile else ():
-        if m is not None:
+        if cfg.compile:
             compile_layers(unwrap(m))
     return policy, policy_ddp, critic, critic_ddp, ref, tok
 

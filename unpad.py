@@ -4,7 +4,7 @@ A collated batch pads every row to its longest (step_mdp.collate): on multihop w
 positions a micro-batch forwards are padding, and every projection, MLP, norm and their gradients pay for them. Here
 the rows' real tokens are laid end to end in one row of T = sum of the rows' lengths, each row's positions restart at
 0 (rotary embeddings see what they saw padded), and attention runs per row (a segment of the stream: causal, no
-mask), so no position is padding and attention costs sum_i L_i^2 / 2, not B x max_i L_i^2. The outputs equal the
+mask), so no position is padding and attention scores sum_i L_i^2 query-key pairs, not B x max_i L_i^2. The outputs equal the
 padded batch's up to rounding (other matrix shapes); the no-grad pass and the update forward the same stream, so
 pi_old is still bit for bit what the update computes before it moves the policy.
 
