@@ -513,3 +513,33 @@ def test_remove_padding_computes_what_padded_rows_do_and_generation_is_unchanged
         assert st_p[key] == pytest.approx(st_u[key], rel=1e-3, abs=1e-5), key
     for a, b in ((pol_p, pol_u), (crit_p, crit_u)):
         assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("flags", [["--grad-ckpt"], ["--lora-rank", "4", "--kl-coef", "0.1"]], ids=["grad-ckpt", "lora"])
+def test_remove_padding_under_grad_ckpt_and_lora_computes_what_padded_rows_do(flags, one_thread):
+    """--remove-padding with --grad-ckpt (the checkpointed layers recompute through the stream) and with --lora-rank
+    (the adapters train; the reference is the policy with its adapters off): models as train.py loads them give the
+    padded batch's pi_old, reference, values, losses and updated weights up to fp32 rounding."""
+    trajs, out = synthetic(0) + synthetic(1), []
+    for unpadded in (False, True):
+        torch.manual_seed(0)  # the same adapters' initial A in both
+        cfg = train.parse_config(ARGS + ["--micro-tokens", "1000", *flags] + ["--remove-padding"] * unpadded)
+        policy, policy_ddp, critic, critic_ddp, ref, tok = scale.load_models(cfg, CPU, "step")
+        assert policy_ddp.is_gradient_checkpointing == ("--grad-ckpt" in flags)
+        with torch.no_grad():  # a non-zero value head: the critic's values and gradients are not all zero
+            critic.head.weight.copy_(torch.randn(critic.head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        batches, fwd, adv = one_iteration(cfg, policy_ddp, critic_ddp, ref, trajs, tok.pad_token_id, CPU)
+        assert any((m.b.attention_mask == 0).any() for mb in batches for m in mb)  # there is padding to remove
+        opt_p, opt_c = (torch.optim.SGD(scale.trained(m), lr=0.5) for m in (policy, critic))  # (AdamW magnifies rounding)
+        start = {k: v.clone() for k, v in policy.state_dict().items()}
+        stats = [train.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, CPU) for _ in range(2)]  # LoRA: B, then A moves
+        assert any(not torch.equal(start[k], v) for k, v in policy.state_dict().items())  # the updates moved the policy
+        out.append((fwd, stats, policy.state_dict(), critic.state_dict()))
+    (fwd_p, st_p, pol_p, crit_p), (fwd_u, st_u, pol_u, crit_u) = out
+    for key in ("old_lp", "ref_lp", "v_step"):
+        assert torch.allclose(fwd_p[key], fwd_u[key], atol=1e-5), key
+    for a, b in zip(st_p, st_u):
+        for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "kl_ref"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+    for a, b in ((pol_p, pol_u), (crit_p, crit_u)):
+        assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
