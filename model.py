@@ -370,6 +370,8 @@ def step_logprobs(policy, b, entropy=True, head_at_actions=True, unpadded=False)
     hook = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, 1)[pos],)) if head_at_actions else None
     try:
         logits = policy(**inputs, use_cache=False).logits  # (K, V) or (B, L, V) ((1, T, V) unpadded)
+        if unpadded:
+            stream.check()  # the model attended per row, not across the stream
     finally:
         if hook is not None:
             hook.remove()
@@ -388,6 +390,7 @@ def critic_outputs(critic, b, unpadded=False):
     if unpadded:
         stream = Stream(b.attention_mask)
         values = stream.pad(critic(**stream.inputs(b.input_ids))[..., None])[..., 0]  # (1, T) -> (B, L)
+        stream.check()
     else:
         values = critic(b.input_ids, b.attention_mask)  # (B, L)
     v_step = values[b.step_row, b.value_positions]  # (S,)

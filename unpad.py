@@ -41,6 +41,14 @@ class Stream:
         self.lengths = [n for n in attention_mask.sum(1).tolist() if n > 0]
         if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
             raise ValueError("Stream needs right-padded rows (real tokens first, then padding)")
+        self.attended = False  # set by segment_attention: a model that never attended per segment mixed the rows
+
+    def check(self):
+        """After a forward of inputs(): raise unless the model's attention ran per segment (`use` switched it); any
+        other attention would have let each row attend to the rows before it in the stream, silently."""
+        if not self.attended:
+            raise ValueError("--remove-padding: the model does not attend per row segment; call unpad.use(model) "
+                             "(scale.load_models does under --remove-padding)")
 
     def inputs(self, input_ids: torch.Tensor) -> dict:
         """Keyword arguments of a transformers forward over the stream: no attention mask, the segments instead."""
@@ -98,6 +106,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"--remove-padding: the model's attention dropout {dropout} (segment attention has none)")
+    unpad_stream.attended = True
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     own = query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
     parts = [SegmentAttention.apply(q, k, v, scale) if own else

@@ -21,7 +21,7 @@ from step_mdp import Step, Trajectory  # noqa: E402
 SHAPES = {0: [(10, [(5, 4), (3, 6), (7, 0)]), (6, [(4, 3), (6, 0)])],
           1: [(8, [(6, 5), (2, 0)]), (12, [(3, 2), (5, 3), (2, 2), (4, 0)]), (5, [(9, 0)])]}
 ARGS = ["--minibatch-size", "8", "--micro-tokens", "30", "--kl-coef", "0.01", "--lr", "0.5", "--critic-lr", "0.5"]
-MODES = {"fsdp": ["--fsdp"], "ddp": ["--no-pack"]}
+MODES = {"fsdp": ["--fsdp"], "ddp": ["--no-pack"], "fsdp-unpadded": ["--fsdp", "--remove-padding"]}
 
 
 def synthetic(rank: int) -> list[Trajectory]:
@@ -39,14 +39,19 @@ def synthetic(rank: int) -> list[Trajectory]:
     return trajs
 
 
-def models():
-    """The tiny policy, a critic with a random (seeded) value head so the backbone gets gradients, a reference copy."""
+def models(remove_padding=False):
+    """The tiny policy, a critic with a random (seeded) value head so the backbone gets gradients, a reference copy;
+    remove_padding: all three attend per row segment (unpad.use), as scale.load_models does under --remove-padding."""
+    import unpad
     from model import load_critic, load_policy
     policy, tok = load_policy("tiny")
     critic = load_critic("tiny")
     with torch.no_grad():
         critic.head.weight.copy_(torch.randn(critic.head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
-    return policy.train(), critic, copy.deepcopy(policy).eval().requires_grad_(False), tok
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    for m in (policy, critic, ref) if remove_padding else ():
+        unpad.use(m)
+    return policy.train(), critic, ref, tok
 
 
 def main(out, extra):
@@ -56,7 +61,7 @@ def main(out, extra):
     rank, world, device = scale.setup_distributed()
     for mode, flags in MODES.items():
         cfg = train.parse_config(ARGS + flags + extra)
-        policy, critic, ref, tok = models()
+        policy, critic, ref, tok = models(cfg.remove_padding)
         policy_w, critic_w = scale.prepare(policy, cfg, device), scale.prepare(critic, cfg, device)
         ref = scale.prepare(ref, cfg, device, train=False)
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=cfg.lr), torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr)

@@ -108,8 +108,9 @@ def test_micro_batched_warm_start_equals_the_full_minibatch(one_thread):
 
 
 def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
-    """2 processes (gloo) with different data, micro-batch counts and lengths, gradients clipped: FSDP2 and DDP give
-    the weights of SGD on the average of the two processes' gradients (each computed here in one process)."""
+    """2 processes (gloo) with different data, micro-batch counts and lengths, gradients clipped: FSDP2, DDP and FSDP2
+    with --remove-padding give the weights of SGD on the average of the two processes' gradients (each computed here
+    in one process)."""
     max_norm = 0.05
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                         os.path.join(ROOT, "tests", "dist_worker.py"), str(tmp_path), "--max-grad-norm", str(max_norm)],
@@ -121,7 +122,7 @@ def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
         got = {r: torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=False) for r in (0, 1)}
         assert got[0]["n_micro"] != got[1]["n_micro"]  # one process ran zero-weight micro-batches
         cfg = train.parse_config(ARGS + [f for f in flags if f != "--fsdp"] + ["--micro-tokens", "0", "--max-grad-norm", "1e9"])
-        policy, critic, ref, tok = models()  # whitening over both processes' steps = over all of them in one place
+        policy, critic, ref, tok = models(cfg.remove_padding)  # whitening over both processes' steps = over all of them in one place
         both = trajs[0] + trajs[1]
         adv = one_iteration(cfg, policy, critic, ref, both, tok.pad_token_id, CPU)[2]["adv_step"]
         for r, rows in ((0, slice(0, len(trajs[0]))), (1, slice(len(trajs[0]), None))):
@@ -129,7 +130,7 @@ def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
             assert torch.allclose(mine, adv[rows, :mine.shape[1]], atol=1e-5)
         step = {}  # each process's unclipped SGD step, in one process, from the same advantages
         for r in (0, 1):
-            policy, critic, ref, tok = models()
+            policy, critic, ref, tok = models(cfg.remove_padding)
             batches, lps, _ = one_iteration(cfg, policy, critic, ref, trajs[r], tok.pad_token_id, CPU)
             assert torch.allclose(lps["old_lp"], got[r]["lps"]["old_lp"], atol=1e-5)
             train.attach(batches, got[r]["adv"], ("adv_step", "adv_tok", "ret_step", "ret_tok"), CPU)  # whitened over both
@@ -456,6 +457,20 @@ def test_stream_lays_the_real_tokens_end_to_end():
     assert values.grad.tolist() == [[0, 1, 2, 4, 5]]
     with pytest.raises(ValueError, match="right-padded"):
         Stream(torch.tensor([[0, 1, 1]]))
+
+
+def test_an_unpadded_forward_through_a_model_not_switched_to_segment_attention_is_refused(one_thread):
+    """step_logprobs / critic_outputs with unpadded=True on models whose attention is not unpad's: each row would
+    attend to the rows before it in the stream, so they raise instead of returning those numbers."""
+    import unpad
+    from model import critic_outputs
+    policy, critic, _, tok = models()
+    b = collate(synthetic(0), tok.pad_token_id, pack=False)
+    for forward in (lambda: step_logprobs(policy, b, False, True, True), lambda: critic_outputs(critic, b, True)):
+        with pytest.raises(ValueError, match="unpad.use"):
+            forward()
+    unpad.use(policy), unpad.use(critic)
+    step_logprobs(policy, b, False, True, True), critic_outputs(critic, b, True)  # switched: computes
 
 
 def test_segment_backward_equals_autograd_through_causal_attention(one_thread):
