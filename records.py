@@ -136,7 +136,7 @@ def episode_records(it: int, split: str, trajs, numbers=None) -> list[dict]:
 
 def step_numbers(batches, critic: str, wanted) -> dict:
     """{(i, t): the numbers the update used for step t of trajectory i}, for the trajectories in `wanted`, read from the
-    iteration's micro-batches (train.Micro: what no_grad_pass, compute_advantages and update left on them): V(s_t),
+    iteration's micro-batches (learner.Micro: what no_grad_pass, compute_advantages and update left on them): V(s_t),
     the advantage (the step's; a per-token estimator's step mean), the critic's return target (its mean over the
     step's tokens for a token critic; critic: the estimator's "step" | "token" | ""), the first pass's ratio and share
     clipped, the trainer's (pi_old) and the engine's log-probability of the whole action, and the step's engine_kl

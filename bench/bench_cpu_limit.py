@@ -10,9 +10,9 @@ The machine's limit: the best of 10 square 2048 x 2048 matrix products (2 M N K 
 every thread torch uses, measured before the models and again after them; each share below is against the higher of
 the two (the machine's speed drifts within a run). The work is train.py's own functions on train.py's layout (`scale.load_models`: under
 --dtype bf16 one process computes with a bf16 twin over fp32 master weights), on multihop:
-- update (`train.update`, policy + critic, AdamW steps included): tokens/s over the collated rows' tokens, FLOP/s =
+- update (`learner.update`, policy + critic, AdamW steps included): tokens/s over the collated rows' tokens, FLOP/s =
   6 x (policy + critic parameters) x tokens; the first call (the optimisers' state is allocated) is not timed;
-- no-grad pass (`train.no_grad_pass`: pi_old, reference, critic): FLOP/s = 2 x (policy + reference + critic) x tokens;
+- no-grad pass (`learner.no_grad_pass`: pi_old, reference, critic): FLOP/s = 2 x (policy + reference + critic) x tokens;
 - generation (`rollout.collect`, HF engine with cross-turn KV reuse, sampled, 16 episodes of 4 turns x 32 tokens):
   generated tokens/s, FLOP/s = 2 x policy parameters x (prefilled + generated tokens).
 The update and the no-grad pass run on 16 expert episodes (the length of a warm-started policy's: 2-5 turns,
@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import envs  # noqa: E402
 import records  # noqa: E402
 import scale  # noqa: E402
+import learner  # noqa: E402
 import train  # noqa: E402
 from model import pad_id as get_pad_id  # noqa: E402
 from rollout import HFEngine, collect  # noqa: E402
@@ -93,15 +94,15 @@ def measure(model_name: str, dtype: str, episodes: int, reps: int, flags: list) 
 
     # the update's data: expert episodes (a warm-started policy's lengths)
     trajs = collect(engine, env_list, tok, [10_000_000 + i for i in range(episodes)], 8, 256, 0.0, expert=True)
-    batches = train.minibatches(cfg, trajs, pad_id, device, torch.Generator().manual_seed(0))
+    batches = learner.minibatches(cfg, trajs, pad_id, device, torch.Generator().manual_seed(0))
     tokens = sum(int(m.b.attention_mask.sum()) for mb in batches for m in mb if m.real)
     positions = sum(m.b.attention_mask.numel() for mb in batches for m in mb if m.real)  # with padding
     computes.train()
-    nograd = lambda: train.no_grad_pass(cfg, computes, scale.unwrap(critic_ddp), ref, batches, trajs, pad_id, device)  # noqa: E731
+    nograd = lambda: learner.no_grad_pass(cfg, computes, scale.unwrap(critic_ddp), ref, batches, trajs, pad_id, device)  # noqa: E731
     nograd()  # --compile: the no-grad pass's layers compile
     t_fwd, fwd = best_of(nograd, reps)
-    train.compute_advantages(cfg, trajs, batches, fwd["boot"], device)
-    upd = lambda: train.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, device)  # noqa: E731
+    learner.compute_advantages(cfg, trajs, batches, fwd["boot"], device)
+    upd = lambda: learner.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, device)  # noqa: E731
     t_first = time.perf_counter()
     upd()  # the optimisers allocate their state (--compile: the update's layers compile)
     t_first = time.perf_counter() - t_first

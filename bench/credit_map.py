@@ -8,7 +8,7 @@ group of one task of the run's environment with the run's env kwargs (the first 
 at the run's temperature; by default the first of tasks 0-3 whose group holds a win and a loss), computes on those
 same trajectories the advantages of step_gae (with the run's critic), token_gae (the same critic read at every
 action token), grpo, rloo, gigpo and
-reinforce_pp_baseline through train.compute_advantages (the trainer's own dispatch into credit.py), and draws a row
+reinforce_pp_baseline through learner.compute_advantages (the trainer's own dispatch into credit.py), and draws a row
 per estimator, a cell per step of each episode: the step's action (shortened), its reward, coloured by the
 advantage the step's tokens get (token_gae: the mean, with the spread of its per-token advantages). The top row is
 the critic's V(s_t) at each step boundary. Whitening and group statistics are over this group only. Beside the PNG,
@@ -59,17 +59,18 @@ def play_group(cfg, policy, tok, task, split, size):
 
 def credit_matrices(cfg, trajs, policy, critic, pad_id):
     """Per estimator: the advantage each step's tokens get (N, T), and for token_gae the min and max over the step's
-    tokens; the critic's V(s_t) (N, T); the step mask (N, T). All through train.no_grad_pass and train.compute_advantages,
+    tokens; the critic's V(s_t) (N, T); the step mask (N, T). All through learner.no_grad_pass and learner.compute_advantages,
     i.e. credit.py's functions."""
+    import learner
     import train
     dev = torch.device("cpu")
     out = {}
     for name in ESTIMATORS_SHOWN:
         c = dataclasses.replace(cfg, estimator=name, loss="")
-        batches = train.minibatches(c, trajs, pad_id, dev, torch.Generator().manual_seed(0))
-        fwd = train.no_grad_pass(c, policy, critic if train.ESTIMATORS[name].critic else None, None, batches, trajs,
+        batches = learner.minibatches(c, trajs, pad_id, dev, torch.Generator().manual_seed(0))
+        fwd = learner.no_grad_pass(c, policy, critic if train.ESTIMATORS[name].critic else None, None, batches, trajs,
                                  pad_id, dev)
-        adv = train.compute_advantages(c, trajs, batches, fwd["boot"], dev)  # V(s_t) from the no-grad pass, as in training
+        adv = learner.compute_advantages(c, trajs, batches, fwd["boot"], dev)  # V(s_t) from the no-grad pass, as in training
         out[name] = {"mean": adv["adv_step"]}
         if name == "token_gae":  # the spread of the per-token advantages inside each step
             tok, mask = adv["adv_tok"], torch.zeros_like(adv["adv_tok"])

@@ -86,6 +86,7 @@ def rollout(engine, policy, w, it):
 def child(args):
     """One setting in this (torchrun) process; rank 0 writes the result to args.json."""
     import scale
+    import learner
     import train
     from model import Critic, load_tokenizer, lora_scale, merged_weights
     from rollout import HFEngine
@@ -136,14 +137,14 @@ def child(args):
             trajs = rollout(engine, computes, w, it)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "forward"
-            batches = train.minibatches(cfg, trajs, pad, device, torch.Generator().manual_seed(it))
-            lps = train.no_grad_pass(cfg, computes, scale.unwrap(critic_w), ref, batches, trajs, pad, device)
+            batches = learner.minibatches(cfg, trajs, pad, device, torch.Generator().manual_seed(it))
+            lps = learner.no_grad_pass(cfg, computes, scale.unwrap(critic_w), ref, batches, trajs, pad, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "credit"
-            train.compute_advantages(cfg, trajs, batches, lps["boot"], device)
+            learner.compute_advantages(cfg, trajs, batches, lps["boot"], device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "update"
-            st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, batches, device)
+            st = learner.update(cfg, policy_w, critic_w, opt_p, opt_c, batches, device)
             sec[phase], t = mark(phase) - t, time.time()
             phase = "sync"  # what VLLMEngine.sync streams: every tensor gathered (LoRA: merged), cast to bf16
             tensors = ((k, scale.gather(v.detach())) for k, v in policy.state_dict().items())

@@ -137,13 +137,13 @@ def sigterm_after_two_rows(cmd: list[str], out: str, timeout: int = 180) -> tupl
 def one_iteration(cfg, policy, critic, ref, trajs, pad_id, device=torch.device("cpu"), g=None):
     """train.run's steps 3-4 on `trajs`: the minibatches (drawn with `g`), the no-grad pass, credit ->
     (batches, fwd, adv); fwd also holds the no-grad outputs as (N, T[, A]) grids (old_lp, ref_lp, v_step, v_tok) for
-    comparisons with a step-by-step loop. Then train.update(cfg, policy, critic, opt_p, opt_c, batches, device)."""
-    import train
-    batches = train.minibatches(cfg, trajs, pad_id, device, g if g is not None else torch.Generator())
-    fwd = train.no_grad_pass(cfg, policy, critic, ref, batches, trajs, pad_id, device)
+    comparisons with a step-by-step loop. Then learner.update(cfg, policy, critic, opt_p, opt_c, batches, device)."""
+    import learner
+    batches = learner.minibatches(cfg, trajs, pad_id, device, g if g is not None else torch.Generator())
+    fwd = learner.no_grad_pass(cfg, policy, critic, ref, batches, trajs, pad_id, device)
     N, T = len(trajs), max(len(t.steps) for t in trajs)
     A = max(1, max(len(s.action_ids) for t in trajs for s in t.steps))
     for key in ("old_lp", "ref_lp", "v_step", "v_tok"):
         if key in batches[0][0].out:
-            fwd[key] = train.as_grid(batches, key, (N, T) if key == "v_step" else (N, T, A))
-    return batches, fwd, train.compute_advantages(cfg, trajs, batches, fwd["boot"], device)
+            fwd[key] = learner.as_grid(batches, key, (N, T) if key == "v_step" else (N, T, A))
+    return batches, fwd, learner.compute_advantages(cfg, trajs, batches, fwd["boot"], device)

@@ -57,6 +57,7 @@ def models(remove_padding=False):
 def main(out, extra):
     import checkpoint
     import scale
+    import learner
     import train
     rank, world, device = scale.setup_distributed()
     for mode, flags in MODES.items():
@@ -67,7 +68,7 @@ def main(out, extra):
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=cfg.lr), torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr)
         trajs, pad = synthetic(rank), tok.pad_token_id
         batches, lps, adv = one_iteration(cfg, policy, critic, ref, trajs, pad, device)
-        st = train.update(cfg, policy_w, critic_w, opt_p, opt_c, batches, device)
+        st = learner.update(cfg, policy_w, critic_w, opt_p, opt_c, batches, device)
         from step_mdp import collate, split_rows
         n_micro = len(split_rows(collate(trajs, pad, pack=cfg.pack), cfg.micro_tokens))
         torch.save({"adv": adv, "lps": lps, "stats": st, "n_micro": n_micro}, os.path.join(out, f"{mode}-rank{rank}.pt"))

@@ -4,7 +4,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ["step_mdp", "credit", "steppo_loss", "model", "unpad", "rollout", "scale", "records", "cli", "train"]
+CORE = ["step_mdp", "credit", "steppo_loss", "model", "unpad", "rollout", "scale", "records", "cli", "learner", "train"]
 
 
 def modules() -> dict[str, str]:
@@ -55,12 +55,15 @@ def test_each_module_holds_what_its_name_promises():
         assert word not in text["scale"], word  # no command line, tracking, plotting, signals or engines in scale.py
     for word in ("def step_logprobs", "def critic_outputs", "def boundary_values", ".logits", "input_ids="):
         assert word not in text["steppo_loss"], word  # tensor math only: no module forward
+    for word in ("import rollout", "from rollout", "checkpoint", "Tracker", "envs"):
+        assert word not in text["learner"], word  # trajectories in, weights out: no rollouts, checkpoints, logging, envs
+    assert len(text["train"].splitlines()) <= 500  # the loop; what one iteration's learning does is learner.py
 
 
 def test_the_readme_states_the_core_line_count():
     import re
     n = sum(len(open(os.path.join(ROOT, m + ".py")).read().splitlines())
-            for m in ("step_mdp", "rollout", "credit", "steppo_loss", "train"))
+            for m in ("step_mdp", "rollout", "credit", "steppo_loss", "learner", "train"))
     said = re.search(r"the core \(([^)]*)\) is ~([\d,]+) lines", open(os.path.join(ROOT, "README.md")).read())
     assert said, "README: 'the core (files) is ~N lines'"
     assert abs(int(said.group(2).replace(",", "")) - n) <= 50, (said.group(0), n)

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import scale
+import learner
 import train
 from conftest import CountEnv, assert_same_metrics, one_iteration, forward_logprobs, metric_rows, torchrun_train
 from dist_worker import ARGS, synthetic
@@ -98,7 +99,7 @@ def test_an_update_changes_only_the_adapters_and_the_value_head(dtype, one_threa
     before = {"policy": {k: v.clone() for k, v in policy.state_dict().items()},
               "critic": {k: v.clone() for k, v in critic.state_dict().items()}}
     trajs = synthetic(0) + synthetic(1)
-    train.warm_start(cfg, policy, torch.optim.AdamW(scale.trained(policy), lr=1e-2), trajs, tok.pad_token_id, CPU,
+    learner.warm_start(cfg, policy, torch.optim.AdamW(scale.trained(policy), lr=1e-2), trajs, tok.pad_token_id, CPU,
                      torch.Generator())
     batches, fwd, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
     base, _ = load_policy("tiny", dtype=scale.DTYPES[dtype])
@@ -110,7 +111,7 @@ def test_an_update_changes_only_the_adapters_and_the_value_head(dtype, one_threa
     assert not torch.allclose(fwd["ref_lp"], fwd["old_lp"], atol=1e-3)  # the warm start moved the adapters
     opt_p, opt_c = torch.optim.AdamW(scale.trained(policy), lr=1e-2), torch.optim.AdamW(scale.trained(critic), lr=1e-2)
     for _ in range(2):  # B starts at 0, so A's gradient is 0 in an adapter's first step
-        train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+        learner.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
     for name, model in (("policy", policy), ("critic", critic)):
         for k, v in model.state_dict().items():
             trains = ".lora_" in k or k.startswith("head.")

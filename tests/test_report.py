@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import report
+import learner
 import train
 from conftest import metric_rows
 
@@ -26,7 +27,7 @@ def test_episodes_hold_the_numbers_the_update_used(tmp_path, monkeypatch):
     """Every field is there; each logged step's V, advantage, return, ratio and clipped are the update's own (those on
     its micro-batches), the clipped flags average to the iteration's clipfrac, and a resumed run's file holds each
     iteration's episodes once."""
-    seen, real = [], train.update
+    seen, real = [], learner.update
     monkeypatch.setattr(train, "update", lambda cfg, *a, **k: seen.append(a[-2]) or real(cfg, *a, **k))
     out = str(tmp_path / "run")
     train.main(train.parse_config([*FLAGS, "--log-groups", "4", "--out", out]))

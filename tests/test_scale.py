@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import scale
+import learner
 import train
 from conftest import ROOT, TIMING, assert_same_metrics, forward_logprobs, one_iteration, metric_rows, sigterm_after_two_rows, torchrun_train
 from dist_worker import ARGS, MODES, models, synthetic
@@ -68,7 +69,7 @@ def _update(flags, trajs, micro_tokens):
     policy, critic, ref, tok = models()
     batches, lps, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
     opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
-    st = train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+    st = learner.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
     return st, policy.state_dict(), critic.state_dict(), adv, lps
 
 
@@ -101,7 +102,7 @@ def test_micro_batched_warm_start_equals_the_full_minibatch(one_thread):
         cfg = train.parse_config(["--sft-steps", "2", "--minibatch-size", "4", "--micro-tokens", str(micro)])
         policy, _, _, tok = models()
         opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-        nll = train.warm_start(cfg, policy, opt, demos, tok.pad_token_id, CPU, torch.Generator().manual_seed(3))
+        nll = learner.warm_start(cfg, policy, opt, demos, tok.pad_token_id, CPU, torch.Generator().manual_seed(3))
         out.append((nll, policy.state_dict()))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
     assert all(torch.allclose(out[0][1][k], out[1][1][k], atol=1e-6) for k in out[0][1])
@@ -133,9 +134,9 @@ def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
             policy, critic, ref, tok = models(cfg.remove_padding)
             batches, lps, _ = one_iteration(cfg, policy, critic, ref, trajs[r], tok.pad_token_id, CPU)
             assert torch.allclose(lps["old_lp"], got[r]["lps"]["old_lp"], atol=1e-5)
-            train.attach(batches, got[r]["adv"], ("adv_step", "adv_tok", "ret_step", "ret_tok"), CPU)  # whitened over both
+            learner.attach(batches, got[r]["adv"], ("adv_step", "adv_tok", "ret_step", "ret_tok"), CPU)  # whitened over both
             opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
-            train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+            learner.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
             step[r] = {"policy": dict(policy.named_parameters()), "critic": dict(critic.named_parameters())}
         weights = torch.load(tmp_path / f"{mode}-weights.pt", weights_only=False)
         for part, start in (("policy", init[0]), ("critic", init[1])):
@@ -428,7 +429,7 @@ def test_compiled_layers_compute_what_eager_ones_do_and_generation_stays_eager(o
         assert counters["stats"]["unique_graphs"] == graphs
         batches, fwd, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
-        st = train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+        st = learner.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
         assert (counters["stats"]["unique_graphs"] > graphs) == compiled
         out.append(([(s.action_ids, s.engine_logprobs) for t in gen for s in t.steps], st, fwd["old_lp"],
                     policy.state_dict(), critic.state_dict()))
@@ -516,7 +517,7 @@ def test_remove_padding_computes_what_padded_rows_do_and_generation_is_unchanged
         batches, fwd, adv = one_iteration(cfg, policy, critic, ref, trajs, tok.pad_token_id, CPU)
         assert any((m.b.attention_mask == 0).any() for mb in batches for m in mb)  # there is padding to remove
         opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)
-        st = train.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
+        st = learner.update(cfg, policy, critic, opt_p, opt_c, batches, CPU)
         out.append(([(s.action_ids, s.engine_logprobs) for t in gen for s in t.steps], fwd, st,
                     policy.state_dict(), critic.state_dict()))
     (gen_p, fwd_p, st_p, pol_p, crit_p), (gen_u, fwd_u, st_u, pol_u, crit_u) = out
@@ -547,7 +548,7 @@ def test_remove_padding_under_grad_ckpt_and_lora_computes_what_padded_rows_do(fl
         assert any((m.b.attention_mask == 0).any() for mb in batches for m in mb)  # there is padding to remove
         opt_p, opt_c = (torch.optim.SGD(scale.trained(m), lr=0.5) for m in (policy, critic))  # (AdamW magnifies rounding)
         start = {k: v.clone() for k, v in policy.state_dict().items()}
-        stats = [train.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, CPU) for _ in range(2)]  # LoRA: B, then A moves
+        stats = [learner.update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, CPU) for _ in range(2)]  # LoRA: B, then A moves
         assert any(not torch.equal(start[k], v) for k, v in policy.state_dict().items())  # the updates moved the policy
         out.append((fwd, stats, policy.state_dict(), critic.state_dict()))
     (fwd_p, st_p, pol_p, crit_p), (fwd_u, st_u, pol_u, crit_u) = out

@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+import learner
 import train
 from conftest import TIMING, TINY, assert_same_metrics, metric_rows, one_iteration, run, torchrun_train
 
@@ -320,7 +321,7 @@ def one_update(tiny, critic, flags=()):
     batches = one_iteration(cfg, model, critic, None, trajs, tok.pad_token_id, dev, torch.Generator().manual_seed(0))[0]
     opt_p = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-3) if critic is not None else None
-    return trajs, train.update(cfg, model, critic, opt_p, opt_c, batches, dev)
+    return trajs, learner.update(cfg, model, critic, opt_p, opt_c, batches, dev)
 
 
 @pytest.mark.parametrize("loss", ["step", "token"])
@@ -582,7 +583,7 @@ def test_defaults_are_the_documented_ones():
 
 def test_credit_map_draws_what_credit_py_computes(tmp_path):
     """bench/credit_map.py on a small run writes its PNG, and every number it draws is credit.py's, recomputed here
-    from the episodes it played (not through train.compute_advantages): the figure cannot drift from the code."""
+    from the episodes it played (not through learner.compute_advantages): the figure cannot drift from the code."""
     import sys
     import credit
     out, _ = run(tmp_path, "--iters", "1", "--env-kwargs", '{"invalid_penalty": 0.1}')
@@ -646,7 +647,7 @@ class Flaky:
 def test_a_crashing_env_ends_its_episode_not_the_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "flaky_env.py").write_text(FLAKY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    seen, real = [], train.compute_advantages
+    seen, real = [], learner.compute_advantages
     monkeypatch.setattr(train, "compute_advantages", lambda cfg, trajs, *a: seen.append(trajs) or real(cfg, trajs, *a))
     out, rows = run(tmp_path, "--env", "flaky_env:Flaky", "--iters", "3", "--envs-per-iter", "8", "--eval-episodes", "5",
                     "--sft-episodes", "10")
@@ -785,8 +786,8 @@ def test_with_a_learning_rate_that_moves_nothing_every_ratio_is_exactly_one(tmp_
 
 def test_collate_runs_once_per_minibatch_per_iteration(tmp_path, monkeypatch):
     calls = []
-    real = train.collate
-    monkeypatch.setattr(train, "collate", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    real = learner.collate
+    monkeypatch.setattr(learner, "collate", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     run(tmp_path, "--iters", "1", "--sft-steps", "0", "--envs-per-iter", "8", "--minibatch-size", "3")
     assert calls == [3, 3, 2]  # 8 trajectories in minibatches of 3: three collations, nothing else
 
