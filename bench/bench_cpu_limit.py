@@ -8,7 +8,10 @@ generation, each as a fraction of the GEMM rate measured in the same run.
 
 The machine's limit: the best of 10 square 2048 x 2048 matrix products (2 M N K FLOP each) in fp32 and in bf16, on
 every thread torch uses, measured before the models and again after them; each share below is against the higher of
-the two (the machine's speed drifts within a run). The work is train.py's own functions on train.py's layout (`scale.load_models`: under
+the two (the machine's speed drifts within a run). After the models, the forward product of each of the model's
+linear shapes over one micro-batch of the update's tokens is timed too, and each part's share of the best GEMM rate
+measured at any shape is recorded beside it (`of_best_bf16_gemm`): a square 2048^3 product is not always the fastest
+this machine runs (on a machine whose memory was slow it ran at a third of SmolLM2's own products' rate). The work is train.py's own functions on train.py's layout (`scale.load_models`: under
 --dtype bf16 one process computes with a bf16 twin over fp32 master weights), on multihop:
 - update (`learner.update`, policy + critic, AdamW steps included): tokens/s over the collated rows' tokens, FLOP/s =
   6 x (policy + critic parameters) x tokens; the first call (the optimisers' state is allocated) is not timed;
@@ -54,6 +57,16 @@ def gemm_rate(dtype, n=2048, reps=10) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def layer_gemm_rates(shapes: list, tokens: int, dtype, reps=10) -> dict:
+    """GFLOP/s of the forward product x @ W^T (x: tokens x K, W: N x K) for each (N, K) in `shapes`, best of `reps`."""
+    out = {}
+    for N, K in shapes:
+        x, w = torch.randn(tokens, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+        best, _ = best_of(lambda: x @ w.t(), 3 + reps)
+        out[f"{N}x{K}"] = 2 * tokens * K * N / best / 1e9
+    return out
 
 
 def n_params(model) -> int:
@@ -108,7 +121,10 @@ def measure(model_name: str, dtype: str, episodes: int, reps: int, flags: list) 
     t_first = time.perf_counter() - t_first
     t_upd, st = best_of(upd, reps)
     assert st["train_tokens"] == tokens
-    return {"dtype": dtype, "flags": flags, "first_update_s": t_first, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
+    shapes = sorted({tuple(m.weight.shape) for layer in scale.decoder_layers(computes) for m in layer.modules()
+                     if isinstance(m, torch.nn.Linear)})
+    micro_tokens = max(int(m.b.attention_mask.sum()) for mb in batches for m in mb)
+    return {"dtype": dtype, "flags": flags, "first_update_s": t_first, "linear_shapes": shapes, "micro_batch_tokens": micro_tokens, "params": {"policy": P_pol, "critic": P_crit, "reference": P_ref},
             "update": {"tokens": tokens, "padded_positions": positions, "seconds": t_upd, "tokens_per_s": tokens / t_upd,
                        "gflop_per_s": 6 * (P_pol + P_crit) * tokens / t_upd / 1e9},
             "no_grad_pass": {"tokens": tokens, "seconds": t_fwd, "tokens_per_s": tokens / t_fwd,
@@ -140,12 +156,20 @@ def main():
     gemm_after = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     print(f"GEMM 2048^3 after the models: fp32 {gemm_after['fp32']:.0f} GFLOP/s, bf16 {gemm_after['bf16']:.0f} GFLOP/s", flush=True)
     limit = {d: max(gemm[d], gemm_after[d]) for d in gemm}
+    # the model's own products (its linear layers' shapes over a micro-batch of the update's tokens), after the models
+    layers = {d: layer_gemm_rates(runs[0]["linear_shapes"], runs[0]["micro_batch_tokens"], dt)
+              for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"GEMM at the model's shapes ({runs[0]['micro_batch_tokens']} tokens): " + "; ".join(
+        f"{d} " + ", ".join(f"{k} {v:.0f}" for k, v in layers[d].items()) for d in layers), flush=True)
+    best = {d: max(limit[d], *layers[d].values()) for d in limit}
     for r in runs:
         for part in ("update", "no_grad_pass", "generation"):
             r[part]["of_bf16_gemm"] = r[part]["gflop_per_s"] / limit["bf16"]
             r[part]["of_own_gemm"] = r[part]["gflop_per_s"] / limit[r["dtype"]]
+            r[part]["of_best_bf16_gemm"] = r[part]["gflop_per_s"] / best["bf16"]
             print(f"{r['dtype']} {' '.join(r['flags']) or 'eager'} {part}: {r[part]['tokens_per_s']:.0f} tokens/s, "
-                  f"{r[part]['gflop_per_s']:.0f} GFLOP/s = {100 * r[part]['of_bf16_gemm']:.0f}% of the bf16 GEMM rate", flush=True)
+                  f"{r[part]['gflop_per_s']:.0f} GFLOP/s = {100 * r[part]['of_bf16_gemm']:.0f}% of the bf16 GEMM rate, "
+                  f"{100 * r[part]['of_best_bf16_gemm']:.0f}% of the best bf16 GEMM measured", flush=True)
     by, speedup = {(r["dtype"], " ".join(r["flags"]) or "eager"): r for r in runs}, {}
     for name in dict.fromkeys(" ".join(f) or "eager" for f in settings):  # bf16 over fp32, like for like
         if ("bf16", name) in by and ("fp32", name) in by:
@@ -158,7 +182,8 @@ def main():
               "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
               "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
               "python": platform.python_version(), "versions": versions, "date": time.strftime("%Y-%m-%d"),
-              "gemm_gflop_per_s": gemm, "gemm_gflop_per_s_after": gemm_after, "runs": runs, "bf16_over_fp32": speedup or None}
+              "gemm_gflop_per_s": gemm, "gemm_gflop_per_s_after": gemm_after, "gemm_gflop_per_s_model_shapes": layers,
+              "runs": runs, "bf16_over_fp32": speedup or None}
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:
         json.dump(record, f, indent=1)
