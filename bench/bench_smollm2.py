@@ -2,7 +2,7 @@
 
     python bench/bench_smollm2.py                              # warm start once, StepPO seeds 0-2 -> results/smollm2.json
     python bench/bench_smollm2.py --methods StepPO,PPO,GRPO    # the paper's question at this scale, same recipe
-    python bench/bench_smollm2.py --tune --lrs 3e-6,1e-5       # choose the lr: tuning seed 100, validation questions
+    python bench/bench_smollm2.py --tune --lrs 1e-5,3e-5       # choose the lr: tuning seed 100, validation questions
     python bench/bench_smollm2.py --report                     # tables and the curve from the runs recorded
     python bench/bench_smollm2.py --time-warm-start            # the warm start again, alone: its wall time
 
@@ -12,7 +12,9 @@ knows English and chat turns: 100 steps where the 1M-parameter model needs 1000)
 (4 tasks x 4). One warm start (`--iters 0`, seed 0) is shared by every run: each RL run is `--model <warm>/final
 --sft-steps 0 --seed k`, which equals a whole run with that warm start (test_iters_zero_is_a_warm_start_other_runs_can_share).
 Protocol (as bench_learning.py): settings are chosen on tuning seed 100 with `--eval-split valid` (questions disjoint
-from train and eval), never on the reported seeds; reported runs are evaluated greedily on the eval split.
+from train and eval), never on the reported seeds; reported runs are evaluated greedily on the eval split. `--tune`
+makes its own warm start on the tuning seed (TUNE_WARM: the same steps, evaluated on the validation questions) and
+runs RL from it at each learning rate.
 Resumable: a finished run folder (complete metrics.jsonl) is skipped, an interrupted one continues with --resume
 (exact); each finished run's summary is written to results/smollm2.json as soon as it ends, so a later session on a
 fresh checkout reports it without the run folders. Every record names the machine and library versions.
@@ -36,6 +38,8 @@ RL = ["--sft-steps", "0", "--iters", "30", "--lr", "1e-5", "--critic-lr", "1e-4"
 METHODS = {"StepPO": ["--estimator", "step_gae", "--loss", "step"], "PPO": ["--estimator", "token_gae", "--loss", "token"],
            "GRPO": ["--estimator", "grpo", "--loss", "token"]}
 SEEDS, TUNE_SEED = [0, 1, 2], 100
+# --tune's own warm start: the same steps on the tuning seed, evaluated on the validation questions
+TUNE_WARM = [*WARM[:WARM.index("--seed")], "--seed", str(TUNE_SEED), "--eval-split", "valid", "--eval-episodes", "32"]
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t quantile, 1..10 dof
 
 
@@ -106,8 +110,9 @@ def report(res):
     by = {}
     for key, s in sorted(res["runs"].items()):
         method, _, seed = key.partition("/")
+        stopped = f"  stopped after iteration {s['stopped_after']}" if s.get("stopped_after") is not None else ""
         print(f"{key:22s} eval {s['start']:.2f} -> {s['end']:.2f} ({s['gain']:+.2f})  {s['s_per_iteration']:.0f} s/it  "
-              f"clipfrac {s['clipfrac']:.2f}  run {s['run_wall_s'] or float('nan'):.0f} s")
+              f"clipfrac {s['clipfrac']:.2f}  run {s['run_wall_s'] or float('nan'):.0f} s{stopped}")
         if not method.startswith("tune"):
             by.setdefault(method, []).append(s["gain"])
     for method, gains in by.items():
@@ -176,9 +181,10 @@ def main():
               f"(recorded run: {recorded.get('end', float('nan')):.3f})")
         return None
     iters = int(RL[RL.index("--iters") + 1])
-    warm, timing = run("warm", [*RECIPE, *WARM], 0)
-    if timing is not None or "warm_start" not in res:  # a skipped run keeps the wall time it was recorded with
-        res["warm_start"] = {**summary(warm, timing), "flags": WARM}
+    name, flags, key = ("tune-warm", TUNE_WARM, "tune_warm_start") if args.tune else ("warm", WARM, "warm_start")
+    warm, timing = run(name, [*RECIPE, *flags], 0)
+    if timing is not None or key not in res:  # a skipped run keeps the wall time it was recorded with
+        res[key] = {**summary(warm, timing), "flags": flags}
     save(res)
     model = os.path.join(warm, "final")
     jobs = ([(f"tune-lr{lr}/seed{TUNE_SEED}", ["--lr", lr, "--eval-split", "valid", "--seed", str(TUNE_SEED)])
