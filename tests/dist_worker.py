@@ -1,5 +1,6 @@
 """Run by tests/test_scale.py under torchrun (2 CPU processes, gloo): one StepPO update of the tiny policy and critic
-with FSDP2 (packed rows) and one with DDP (one row per step), micro-batches on, SGD, on `synthetic(rank)`.
+with FSDP2 (packed rows) and one with DDP (one row per step), then each with --remove-padding (DDP: packed rows),
+micro-batches on, SGD, on `synthetic(rank)`.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--max-grad-norm X]
 
@@ -21,7 +22,8 @@ from step_mdp import Step, Trajectory  # noqa: E402
 SHAPES = {0: [(10, [(5, 4), (3, 6), (7, 0)]), (6, [(4, 3), (6, 0)])],
           1: [(8, [(6, 5), (2, 0)]), (12, [(3, 2), (5, 3), (2, 2), (4, 0)]), (5, [(9, 0)])]}
 ARGS = ["--minibatch-size", "8", "--micro-tokens", "30", "--kl-coef", "0.01", "--lr", "0.5", "--critic-lr", "0.5"]
-MODES = {"fsdp": ["--fsdp"], "ddp": ["--no-pack"], "fsdp-unpadded": ["--fsdp", "--remove-padding"]}
+MODES = {"fsdp": ["--fsdp"], "ddp": ["--no-pack"], "fsdp-unpadded": ["--fsdp", "--remove-padding"],
+         "ddp-unpadded": ["--remove-padding"]}
 
 
 def synthetic(rank: int) -> list[Trajectory]:

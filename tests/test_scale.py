@@ -109,7 +109,7 @@ def test_micro_batched_warm_start_equals_the_full_minibatch(one_thread):
 
 
 def test_fsdp_and_ddp_updates_equal_the_single_process_update(tmp_path):
-    """2 processes (gloo) with different data, micro-batch counts and lengths, gradients clipped: FSDP2, DDP and FSDP2
+    """2 processes (gloo) with different data, micro-batch counts and lengths, gradients clipped: FSDP2, DDP and each
     with --remove-padding give the weights of SGD on the average of the two processes' gradients (each computed here
     in one process)."""
     max_norm = 0.05
