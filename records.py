@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -79,6 +80,19 @@ def eval_stats(trajs, device) -> dict:
     won, n, n_err = all_sum([sum(t.success for t in trajs), len(trajs), len(errored)], device)
     return {"eval_success_rate": won / max(n, 1), **({"eval_env_errors": int(n_err)} if n_err else {}),
             **score_stats(trajs, device, "eval_score"), **per_type(trajs)}
+
+
+def memory_stats(device) -> dict:
+    """Peak memory so far, the largest over the processes: peak_rss_mib, a process's peak resident set (the OS's
+    ru_maxrss: weights, optimiser states, activations, the engine's cache, freed memory kept by the allocator; not the
+    env worker processes of --env-timeout); gpu_peak_mib on CUDA, the peak of the tensors PyTorch allocated."""
+    peak = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # KiB on Linux
+    if device.type == "cuda":
+        peak.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    t = torch.tensor(peak, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(("peak_rss_mib", "gpu_peak_mib"), (round(x, 1) for x in t.tolist())))
 
 
 def task_type(traj) -> str | None:

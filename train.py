@@ -41,7 +41,7 @@ from learner import compute_advantages, minibatches, no_grad_pass, update, warm_
 from model import pad_id as get_pad_id
 from model import source_problem
 from records import (REPORTERS, Preemption, Tracker, episode_records, eval_stats, finished_only, gather_episodes,
-                     plot_curve, rollout_stats, train_episodes)
+                     memory_stats, plot_curve, rollout_stats, train_episodes)
 from rollout import collect, make_engine, observation_role
 from scale import all_sum
 from steppo_loss import LOSSES, loss_table
@@ -410,7 +410,7 @@ def run(cfg: Config, preempted):
                    train_tokens_per_s=st["train_tokens"] / max(t_upd, 1e-9), rollout_s=t_roll, forward_s=t_fwd,
                    credit_s=t_credit, update_s=t_upd, wall_s=time.time() - t0, env_errors=env_errors,
                    lr=cfg.lr * factor * (it >= cfg.critic_warmup), critic_lr=cfg.critic_lr * factor * (critic is not None),
-                   **{k: adv[k] for k in ("explained_var",) if k in adv})
+                   **{k: adv[k] for k in ("explained_var",) if k in adv}, **memory_stats(device))
         if master:
             history.append(row)
             tracker.log(row)

@@ -107,13 +107,15 @@ def metric_rows(out: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-TIMING = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s"}
+# the keys that measure the machine (time, memory), not what the run computed: they differ between equal runs
+MEASURED = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forward_s", "credit_s", "update_s",
+            "peak_rss_mib", "gpu_peak_mib"}
 
 
 def assert_same_metrics(a: list[dict], b: list[dict], exact: bool = False):
-    """Two runs' metrics.jsonl rows: as many, the same iterations, every non-timing key equal: bit for bit (exact: the
+    """Two runs' metrics.jsonl rows: as many, the same iterations, every key but MEASURED equal: bit for bit (exact: the
     same process set-up and thread count), else to float noise (rel 1e-6, abs 1e-9: another process layout)."""
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]  # noqa: E731
     assert [r["iter"] for r in a] == [r["iter"] for r in b], ([r["iter"] for r in a], [r["iter"] for r in b])
     assert strip(a) == (strip(b) if exact else [pytest.approx(r, rel=1e-6, abs=1e-9) for r in strip(b)])
 

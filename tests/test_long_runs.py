@@ -452,6 +452,23 @@ def test_the_host_memory_estimate_against_a_hand_computation():
     assert episode_bytes(100, 10, 20, 3, 1000, full=False) == 36 * 3 * 120 + 32 * 3 * 20  # window: no growth
 
 
+def test_peak_rss_rises_with_what_a_process_touches_and_stays():
+    """records.memory_stats (metrics.jsonl's peak_rss_mib): a fresh process that fills 400 MiB reads >= 350 MiB more
+    than before, and still does after freeing it (a peak); there is no gpu_peak_mib on the CPU."""
+    code = textwrap.dedent("""
+        import json, torch, records
+        cpu = torch.device("cpu")
+        before = records.memory_stats(cpu)
+        x = torch.ones(100 * 2**20)  # 400 MiB, written
+        during = records.memory_stats(cpu)
+        del x
+        print(json.dumps([before, during, records.memory_stats(cpu)]))""")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    before, during, after = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(before) == {"peak_rss_mib"}
+    assert during["peak_rss_mib"] - before["peak_rss_mib"] >= 350 and after == during
+
+
 @pytest.mark.parametrize("flag,value", [("--envs-per-iter", "100000"), ("--eval-episodes", "100000000")])
 def test_sizes_that_cannot_fit_are_refused_before_the_envs_are_built(tmp_path, monkeypatch, flag, value):
     import envs.process
