@@ -44,19 +44,13 @@ import learner  # noqa: E402
 import train  # noqa: E402
 from model import pad_id as get_pad_id  # noqa: E402
 from rollout import HFEngine, collect  # noqa: E402
+from timing import best_of  # noqa: E402
 
 
 def gemm_rate(dtype, n=2048, reps=10) -> float:
-    """GFLOP/s of the best of `reps` n x n x n products."""
+    """GFLOP/s of the best of `reps` n x n x n products (after 3 untimed ones)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_of(lambda: a @ b, reps, warmup=3)[0] / 1e9
 
 
 def layer_gemm_rates(shapes: list, tokens: int, dtype, reps=10) -> dict:
@@ -64,23 +58,13 @@ def layer_gemm_rates(shapes: list, tokens: int, dtype, reps=10) -> dict:
     out = {}
     for N, K in shapes:
         x, w = torch.randn(tokens, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
-        best, _ = best_of(lambda: x @ w.t(), 3 + reps)
+        best, _ = best_of(lambda: x @ w.t(), reps, warmup=3)
         out[f"{N}x{K}"] = 2 * tokens * K * N / best / 1e9
     return out
 
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) if model is not None else 0
-
-
-def best_of(fn, reps):
-    """(the fastest of `reps` calls' seconds, its result)."""
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def measure(model_name: str, dtype: str, episodes: int, reps: int, flags: list) -> dict:

@@ -6,21 +6,16 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from credit import gigpo, grpo, step_gae, token_gae, whiten  # noqa: E402
+from timing import best_of  # noqa: E402
 
 
-def best_of(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def seconds(fn) -> float:
+    return best_of(fn, 3)[0]
 
 
 def main():
@@ -35,14 +30,14 @@ def main():
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": torch.get_num_threads(), "trajectories": N, "max_steps": T, "steps": steps,
-        "step_gae_s": best_of(lambda: step_gae(rewards, values, mask, 0.99, 0.95)),
-        "whiten_s": best_of(lambda: whiten(values, mask)),
-        "grpo_s": best_of(lambda: grpo(rewards.sum(1), groups)),
-        "gigpo_s": best_of(lambda: gigpo(rewards, mask, groups, states, 0.99)),
+        "step_gae_s": seconds(lambda: step_gae(rewards, values, mask, 0.99, 0.95)),
+        "whiten_s": seconds(lambda: whiten(values, mask)),
+        "grpo_s": seconds(lambda: grpo(rewards.sum(1), groups)),
+        "gigpo_s": seconds(lambda: gigpo(rewards, mask, groups, states, 0.99)),
     }
     # token-level GAE runs one recursion step per token: 1,000,000 tokens as 2,000 trajectories x 500 tokens
     tok = torch.zeros(2000, 500)
-    res["token_gae_1m_tokens_s"] = best_of(lambda: token_gae(tok, tok, torch.ones_like(tok), 0.99, 0.95))
+    res["token_gae_1m_tokens_s"] = seconds(lambda: token_gae(tok, tok, torch.ones_like(tok), 0.99, 0.95))
     print(json.dumps(res, indent=2))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "credit.json")
     with open(out, "w") as f:

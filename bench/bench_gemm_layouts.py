@@ -28,20 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import records  # noqa: E402
 import train  # noqa: E402
+from timing import best_of  # noqa: E402
 
 SHAPES = {"gate/up": (576, 1536), "down": (1536, 576), "q/o": (576, 576), "k/v": (576, 192)}  # (K, N)
 
 
 def rate(product, flop: int, reps: int) -> float:
     """GFLOP/s of the best of `reps` calls of `product` (after 3 untimed ones)."""
-    for _ in range(3):
-        product()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        product()
-        best = min(best, time.perf_counter() - t)
-    return flop / best / 1e9
+    return flop / best_of(product, reps, warmup=3)[0] / 1e9
 
 
 def layouts(T: int, K: int, N: int, dtype, reps: int) -> dict:
