@@ -453,13 +453,13 @@ def test_the_host_memory_estimate_against_a_hand_computation():
 
 
 def test_peak_rss_rises_with_what_a_process_touches_and_stays():
-    """records.memory_stats (metrics.jsonl's peak_rss_mib): a fresh process that fills 400 MiB reads >= 350 MiB more
-    than before, and still does after freeing it (a peak); there is no gpu_peak_mib on the CPU."""
+    """records.memory_stats (metrics.jsonl's peak_rss_mib): a fresh process that fills 400 MiB more than its peak so
+    far reads >= 350 MiB more than before, and still does after freeing it (a peak); no gpu_peak_mib on the CPU."""
     code = textwrap.dedent("""
         import json, torch, records
         cpu = torch.device("cpu")
-        before = records.memory_stats(cpu)
-        x = torch.ones(100 * 2**20)  # 400 MiB, written
+        before = records.memory_stats(cpu)  # the imports' peak: ~0.5-1.5 GiB
+        x = torch.ones(int(before["peak_rss_mib"] + 400) * 2**18)  # fp32: (peak + 400) MiB, written
         during = records.memory_stats(cpu)
         del x
         print(json.dumps([before, during, records.memory_stats(cpu)]))""")
