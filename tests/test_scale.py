@@ -318,6 +318,7 @@ def test_critic_value_head_stays_fp32_under_bf16_autocast():
     assert v.dtype == torch.float32
 
 
+@pytest.mark.slow  # a benchmark script's check, ~60-85 s: the slow tier (CI runs it), not the default suite
 def test_gpu_smoke_runs_every_setting_at_toy_size_on_cpu(tmp_path):
     """bench/gpu_smoke.py, as on a GPU but with a 2-layer model on CPU (gloo): every setting runs 2 iterations."""
     out = tmp_path / "smoke.json"
