@@ -112,12 +112,16 @@ MEASURED = {"wall_s", "tokens_per_s", "train_tokens_per_s", "rollout_s", "forwar
             "peak_rss_mib", "gpu_peak_mib"}
 
 
+def computed(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows without the MEASURED keys: what two equal runs must agree on."""
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
+
+
 def assert_same_metrics(a: list[dict], b: list[dict], exact: bool = False):
     """Two runs' metrics.jsonl rows: as many, the same iterations, every key but MEASURED equal: bit for bit (exact: the
     same process set-up and thread count), else to float noise (rel 1e-6, abs 1e-9: another process layout)."""
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]  # noqa: E731
     assert [r["iter"] for r in a] == [r["iter"] for r in b], ([r["iter"] for r in a], [r["iter"] for r in b])
-    assert strip(a) == (strip(b) if exact else [pytest.approx(r, rel=1e-6, abs=1e-9) for r in strip(b)])
+    assert computed(a) == (computed(b) if exact else [pytest.approx(r, rel=1e-6, abs=1e-9) for r in computed(b)])
 
 
 def sigterm_after_two_rows(cmd: list[str], out: str, timeout: int = 180) -> tuple[int, str]:

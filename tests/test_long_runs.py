@@ -464,6 +464,7 @@ def test_peak_rss_rises_with_what_a_process_touches_and_stays():
         del x
         print(json.dumps([before, during, records.memory_stats(cpu)]))""")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
     before, during, after = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(before) == {"peak_rss_mib"}
     assert during["peak_rss_mib"] - before["peak_rss_mib"] >= 350 and after == during

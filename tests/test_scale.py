@@ -14,7 +14,7 @@ import checkpoint
 import scale
 import learner
 import train
-from conftest import ROOT, MEASURED, assert_same_metrics, forward_logprobs, one_iteration, metric_rows, sigterm_after_two_rows, torchrun_train
+from conftest import ROOT, assert_same_metrics, computed, forward_logprobs, one_iteration, metric_rows, sigterm_after_two_rows, torchrun_train
 from dist_worker import ARGS, MODES, models, synthetic
 from step_mdp import collate, split_rows
 from model import step_logprobs
@@ -216,7 +216,7 @@ def test_sharded_load_fills_every_shard_from_one_reader(tmp_path):
     rows = {}
     for mode, port in (("train-sharded", 29542), ("train-full", 29543)):
         _sharded_worker(mode, tmp_path, flags, port)
-        rows[mode] = [{k: v for k, v in r.items() if k not in MEASURED} for r in metric_rows(str(tmp_path / mode))]
+        rows[mode] = computed(metric_rows(str(tmp_path / mode)))
     assert len(rows["train-sharded"]) == 3 and rows["train-sharded"][0]["value_loss"] > 0
     assert len(rows["train-full"]) == 3
     for a, b in zip(rows["train-sharded"], rows["train-full"]):
