@@ -1,8 +1,9 @@
-"""The learner: one iteration's trajectories in, updated weights out (and the supervised warm start).
+"""The learner: one iteration's trajectories in, updated weights out (and the supervised warm start, the lr schedule).
 
     batches = minibatches(cfg, trajs, pad_id, device, g)   # drawn and collated once: lists of Micro (micro-batches)
     fwd = no_grad_pass(cfg, policy, critic, ref, batches, trajs, pad_id, device)  # pi_old, reference, V(s_t)
     adv = compute_advantages(cfg, trajs, batches, fwd["boot"], device)        # credit by the ESTIMATORS entry
+    factor = set_lr(cfg, it, opt_p, opt_c)                                   # --lr-warmup, --lr-schedule
     stats = update(cfg, policy_ddp, critic_ddp, opt_p, opt_c, batches, device)  # the --loss entry of LOSSES
 
 Every phase works on the same micro-batches and leaves what it computed on them (`Micro.out`), so the update's
@@ -10,6 +11,7 @@ first forward is bit for bit the no-grad pass's (the ratio starts at exactly 1).
 order once per iteration (docs/method.md, equation by equation; docs/implementation-details.md).
 """
 import dataclasses
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -154,6 +156,30 @@ def attach(batches, grids: dict, keys, device):
 
 
 # ------------------------------------------------------------------------------------------ updates
+def lr_factor(cfg, it: int) -> float:
+    """Both learning rates' multiplier at iteration `it` (a function of `it` alone, so --resume continues exactly):
+    a linear warm-up (it + 1) / (w + 1) over the first w = --lr-warmup iterations (nanoGPT's get_lr; a share of
+    --iters when below 1), then --lr-schedule: 1 (constant), or from 1 down to --lr-floor at the last iteration,
+    linearly (TRL's default) or along a half cosine (OpenRLHF's, veRL's option)."""
+    w = round(cfg.lr_warmup * cfg.iters) if cfg.lr_warmup < 1 else int(cfg.lr_warmup)
+    if it < w:
+        return (it + 1) / (w + 1)
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    p = min(1.0, (it - w) / max(1, cfg.iters - 1 - w))  # 0 after the warm-up, 1 at the last iteration
+    shape = 1 - p if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+    return cfg.lr_floor + (1 - cfg.lr_floor) * shape
+
+
+def set_lr(cfg, it: int, opt_p, opt_c) -> float:
+    """Both optimisers' learning rates for iteration `it` (--lr and --critic-lr times `lr_factor`); returns the factor."""
+    factor = lr_factor(cfg, it)
+    for opt, base in ((opt_p, cfg.lr), (opt_c, cfg.critic_lr)):
+        for group in opt.param_groups if opt is not None else ():
+            group["lr"] = base * factor
+    return factor
+
+
 def warm_start(cfg, policy, opt, demos, pad_id, device, g) -> float:
     """Supervised warm start: maximise the log-likelihood of the expert's action tokens (behaviour cloning)."""
     nll = float("nan")
@@ -177,7 +203,8 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
     Each micro-batch carries pi_old and the reference (no_grad_pass) and its advantages and value targets
     (compute_advantages). The policy loss is the --loss entry of LOSSES; each micro-batch's loss is weighted by its
     share of what the loss averages over (steps or tokens), so the accumulated gradient and every diagnostic are the
-    whole minibatch's. Every statistic the loss returns is logged. train_policy False (--critic-warmup): the critic
+    whole minibatch's. Every statistic the loss returns is logged, and the mean gradient norm before the clip of the
+    policy's and the critic's steps (grad_norm, critic_grad_norm; skipped steps left out). train_policy False (--critic-warmup): the critic
     alone is updated, the policy is not forwarded."""
     loss = LOSSES[cfg.loss]
     per_step, mean_over = loss.ratio == "step", loss.mean_over(cfg)
@@ -210,12 +237,17 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
                     st[key] += v * w_pl
                 st["entropy"] += ent * m.w_tok
                 critic_step(cfg, critic, m, last, st)
-            for opt, model in ((opt_p, policy),) * train_policy + ((opt_c, critic),) * (critic is not None):
-                skipped, steps = skipped + (not scale.optimizer_step(opt, model, cfg.max_grad_norm)), steps + 1
+            for opt, model, key in ((opt_p, policy, "grad_norm"),) * train_policy + ((opt_c, critic, "critic_grad_norm"),) * (critic is not None):
+                norm = scale.optimizer_step(opt, model, cfg.max_grad_norm)  # before the clip; not finite: skipped
+                skipped, steps = skipped + (not math.isfinite(norm)), steps + 1
+                if math.isfinite(norm):
+                    stats[key].append(norm)
             for key, v in st.items():
                 stats[key].append(v)
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out.setdefault("value_loss", 0.0)
+    for key in ("grad_norm",) * train_policy + ("critic_grad_norm",) * (critic is not None):
+        out.setdefault(key, float("nan"))  # every step skipped (null in metrics.jsonl)
     return {**out, "skipped_updates": skipped, "optimizer_steps": steps, "train_tokens": tokens}
 
 

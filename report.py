@@ -15,7 +15,8 @@ import os
 import sys
 
 CURVES = [("eval_success_rate", "success_rate"), ("mean_return",), ("invalid_rate", "cut_rate"), ("clipfrac",),
-          ("approx_kl", "kl_ref"), ("entropy",), ("value_loss",), ("explained_var",), ("engine_kl",), ("wall_s",),
+          ("approx_kl", "kl_ref"), ("entropy",), ("value_loss",), ("explained_var",), ("grad_norm", "critic_grad_norm"),
+          ("engine_kl",), ("wall_s",),
           ("peak_rss_mib", "gpu_peak_mib")]
 
 

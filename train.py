@@ -15,7 +15,6 @@ every logged key: docs/metrics.md; GPUs (FSDP2, bf16, vLLM): docs/scaling.md and
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import random
 import sys
@@ -37,7 +36,7 @@ import checkpoint
 import scale
 from cli import Bounds, Count, NonNegative, Positive, Share, Size, parse_dataclass
 from credit import ESTIMATORS, estimator_table
-from learner import compute_advantages, minibatches, no_grad_pass, update, warm_start
+from learner import compute_advantages, lr_factor, minibatches, no_grad_pass, set_lr, update, warm_start
 from model import pad_id as get_pad_id
 from model import source_problem
 from records import (REPORTERS, Preemption, Tracker, episode_records, eval_stats, finished_only, gather_episodes,
@@ -177,21 +176,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def lr_factor(cfg, it: int) -> float:
-    """Both learning rates' multiplier at iteration `it` (a function of `it` alone, so --resume continues exactly):
-    a linear warm-up (it + 1) / (w + 1) over the first w = --lr-warmup iterations (nanoGPT's get_lr; a share of
-    --iters when below 1), then --lr-schedule: 1 (constant), or from 1 down to --lr-floor at the last iteration,
-    linearly (TRL's default) or along a half cosine (OpenRLHF's, veRL's option)."""
-    w = round(cfg.lr_warmup * cfg.iters) if cfg.lr_warmup < 1 else int(cfg.lr_warmup)
-    if it < w:
-        return (it + 1) / (w + 1)
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    p = min(1.0, (it - w) / max(1, cfg.iters - 1 - w))  # 0 after the warm-up, 1 at the last iteration
-    shape = 1 - p if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
-    return cfg.lr_floor + (1 - cfg.lr_floor) * shape
-
-
 def informative(trajs) -> list:
     """The trajectories of task groups (by task id) whose members' returns are not all equal: the groups a
     group-relative advantage (GRPO, RLOO, GiGPO) gets a signal from."""
@@ -221,15 +205,6 @@ def dynamic_sampling(cfg, trajs, rng, device, play) -> tuple[list, dict]:
     n_seen, n_dropped, n_played = all_sum([n_seen, n_dropped, n_played], device)
     return (kept[:cfg.envs_per_iter] or trajs), {"filtered_groups": n_dropped / max(n_seen, 1), "sampling_rounds": rounds,
                                                  "played_episodes": int(n_played)}
-
-
-def set_lr(cfg, it: int, opt_p, opt_c) -> float:
-    """Both optimisers' learning rates for iteration `it` (--lr and --critic-lr times `lr_factor`); returns the factor."""
-    factor = lr_factor(cfg, it)
-    for opt, base in ((opt_p, cfg.lr), (opt_c, cfg.critic_lr)):
-        for group in opt.param_groups if opt is not None else ():
-            group["lr"] = base * factor
-    return factor
 
 
 def iteration_seed(cfg, it: int, rank: int) -> int:

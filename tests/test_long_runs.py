@@ -126,6 +126,7 @@ def test_a_meta_json_of_the_wrong_types_is_an_unreadable_checkpoint(tmp_path):
     assert [r["iter"] for r in rows] == [0, 1, 2]
 
 
+@pytest.mark.slow  # ~45-65 s on 2 cores (torchrun or a whole run): in CI's slow tier
 def test_torchrun_jobs_share_one_lock_and_resume_refuses_a_changed_flag(tmp_path):
     """Two processes of one torchrun are one job (rank 0 holds the lock); a second job on the folder fails in one line
     while the first runs; after it (stopped by SIGTERM, so it checkpoints), --resume with another --group-size is
@@ -315,7 +316,7 @@ def test_metrics_rows_are_valid_json_with_null_for_non_finite_numbers():
 def test_iterations_that_skip_every_update_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
     def skipped(opt, model, max_norm):
         opt.zero_grad(set_to_none=True)
-        return False
+        return float("nan")
     monkeypatch.setattr(scale, "optimizer_step", skipped)
     with pytest.raises(SystemExit, match=r"every update skipped in 2 iterations in a row"):
         run(tmp_path, "--iters", "5", "--max-failures-in-a-row", "2")

@@ -203,13 +203,32 @@ def test_non_finite_update_is_skipped():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     (model(torch.ones(1, 3)).sum() * float("nan")).backward()
-    ok = scale.optimizer_step(opt, model, 1.0)
-    assert not ok and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    norm = scale.optimizer_step(opt, model, 1.0)
+    assert math.isnan(norm) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())  # the bad gradient is not carried into the next step
     model(torch.ones(1, 3)).sum().backward()
-    assert scale.optimizer_step(opt, model, 1.0)
+    assert math.isfinite(scale.optimizer_step(opt, model, 1.0))
     assert not torch.equal(before[0], model.weight)
 
+
+
+def test_optimizer_step_returns_the_norm_before_the_clip_and_clips_as_pytorch_does():
+    """Hand-worked: gradients 3 and 4 have norm 5. Below max_norm the gradients are left as they are (no multiply by
+    1), above it they are scaled by max_norm / (5 + 1e-6); either way the weights equal clip_grad_norm_ + the step's
+    bit for bit, and the returned norm is the one before the clip."""
+    import scale
+    for max_norm in (10.0, 1.0):
+        models = [torch.nn.Linear(1, 1) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in models]
+        for m in models:
+            (3 * m.weight.sum() + 4 * m.bias.sum()).backward()  # d/dw = 3, d/db = 4
+        want_w = models[0].weight.item() - 3 * min(1.0, max_norm / (5 + 1e-6))
+        assert scale.optimizer_step(opts[0], models[0], max_norm) == pytest.approx(5.0)
+        torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+        opts[1].step()
+        assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+        assert models[0].weight.item() == pytest.approx(want_w)
 
 PLUGIN = '''
 class Guess:
@@ -827,10 +846,10 @@ def test_the_lr_schedule_against_a_hand_computation():
     cfg = train.parse_config(["--iters", "10", "--lr-warmup", "3", "--lr-schedule", "linear", "--lr-floor", "0.1"])
     # warm-up (it + 1) / 4 for it 0-2; then from 1 at it 3 to 0.1 at it 9, linearly over 6 iterations
     want = [0.25, 0.5, 0.75, 1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1]
-    assert [train.lr_factor(cfg, it) for it in range(10)] == pytest.approx(want)
+    assert [learner.lr_factor(cfg, it) for it in range(10)] == pytest.approx(want)
     cos = train.parse_config(["--iters", "5", "--lr-warmup", "0.2", "--lr-schedule", "cosine"])  # 0.2 x 5 = 1 iteration
-    assert [train.lr_factor(cos, it) for it in range(5)] == pytest.approx([0.5, 1.0, 0.75, 0.25, 0.0])
-    assert all(train.lr_factor(train.parse_config([]), it) == 1.0 for it in range(60))  # the default: constant
+    assert [learner.lr_factor(cos, it) for it in range(5)] == pytest.approx([0.5, 1.0, 0.75, 0.25, 0.0])
+    assert all(learner.lr_factor(train.parse_config([]), it) == 1.0 for it in range(60))  # the default: constant
     with pytest.raises(SystemExit):
         train.parse_config(["--lr-warmup", "2.5"])
 
