@@ -234,6 +234,7 @@ def test_the_search_index_is_built_once_and_loaded_from_disk(sample, monkeypatch
     assert env.search(env.products[0]["Title"].lower())[0] == env.products[0]["asin"]
 
 
+@pytest.mark.slow  # ~45-65 s on 2 cores (torchrun or a whole run): in CI's slow tier
 def test_train_runs_on_the_webshop_sample_end_to_end(sample, tmp_path):
     folder = sample[0]
     out = tmp_path / "run"
