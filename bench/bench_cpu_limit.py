@@ -44,22 +44,23 @@ import learner  # noqa: E402
 import train  # noqa: E402
 from model import pad_id as get_pad_id  # noqa: E402
 from rollout import HFEngine, collect  # noqa: E402
+from bench_gemm_layouts import rate  # noqa: E402
 from timing import best_of  # noqa: E402
 
 
 def gemm_rate(dtype, n=2048, reps=10) -> float:
     """GFLOP/s of the best of `reps` n x n x n products (after 3 untimed ones)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / best_of(lambda: a @ b, reps, warmup=3)[0] / 1e9
+    return rate(lambda: a @ b, 2 * n ** 3, reps)
 
 
 def layer_gemm_rates(shapes: list, tokens: int, dtype, reps=10) -> dict:
-    """GFLOP/s of the forward product x @ W^T (x: tokens x K, W: N x K) for each (N, K) in `shapes`, best of `reps`."""
+    """GFLOP/s of the forward product x @ W^T (x: tokens x K, W: N x K) for each (N, K) in `shapes`, best of `reps`
+    (bench_gemm_layouts.py times all three products of a layer)."""
     out = {}
     for N, K in shapes:
         x, w = torch.randn(tokens, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
-        best, _ = best_of(lambda: x @ w.t(), reps, warmup=3)
-        out[f"{N}x{K}"] = 2 * tokens * K * N / best / 1e9
+        out[f"{N}x{K}"] = rate(lambda: x @ w.t(), 2 * tokens * K * N, reps)
     return out
 
 
