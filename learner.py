@@ -204,8 +204,8 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
     (compute_advantages). The policy loss is the --loss entry of LOSSES; each micro-batch's loss is weighted by its
     share of what the loss averages over (steps or tokens), so the accumulated gradient and every diagnostic are the
     whole minibatch's. Every statistic the loss returns is logged, and the mean gradient norm before the clip of the
-    policy's and the critic's steps (grad_norm, critic_grad_norm; skipped steps left out). train_policy False (--critic-warmup): the critic
-    alone is updated, the policy is not forwarded."""
+    policy's and the critic's steps (grad_norm, critic_grad_norm; skipped steps left out). train_policy False
+    (--critic-warmup): the critic alone is updated, the policy is not forwarded."""
     loss = LOSSES[cfg.loss]
     per_step, mean_over = loss.ratio == "step", loss.mean_over(cfg)
     stats, skipped, steps, tokens = defaultdict(list), 0, 0, 0
@@ -237,7 +237,8 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
                     st[key] += v * w_pl
                 st["entropy"] += ent * m.w_tok
                 critic_step(cfg, critic, m, last, st)
-            for opt, model, key in ((opt_p, policy, "grad_norm"),) * train_policy + ((opt_c, critic, "critic_grad_norm"),) * (critic is not None):
+            steppers = ((opt_p, policy, "grad_norm"),) * train_policy + ((opt_c, critic, "critic_grad_norm"),) * (critic is not None)
+            for opt, model, key in steppers:
                 norm = scale.optimizer_step(opt, model, cfg.max_grad_norm)  # before the clip; not finite: skipped
                 skipped, steps = skipped + (not math.isfinite(norm)), steps + 1
                 if math.isfinite(norm):

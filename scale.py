@@ -385,8 +385,9 @@ def unsharded(model, enabled=True):
 
 def optimizer_step(opt, model, max_norm) -> float:
     """Clip the accumulated gradients and step, then clear them; returns the gradients' global L2 norm before the clip
-    (`grad_norm` in metrics.jsonl). A step whose norm is not finite is skipped and the weights stay as they were. Under DDP/FSDP2 the gradients are reduced before the check (the norm is global), so
-    every process makes the same decision. A bf16 twin: its fp32 masters are clipped and stepped, then copied to it.
+    (`grad_norm` in metrics.jsonl). A step whose norm is not finite is skipped and the weights stay as they were.
+    Under DDP/FSDP2 the gradients are reduced before the check (the norm is global), so every process makes the same
+    decision. A bf16 twin: its fp32 masters are clipped and stepped, then copied to it.
     The clip is PyTorch's (gradients times max_norm / (norm + 1e-6)), applied only when that factor is below 1:
     multiplying by 1 changes no bit and would stream every gradient once more (the clip's multiplies took 0.8% of a
     SmolLM2 update in its profile)."""
