@@ -3,6 +3,7 @@
     python bench/bench_smollm2.py                              # warm start once, StepPO seeds 0-2 -> results/smollm2.json
     python bench/bench_smollm2.py --methods StepPO,PPO,GRPO    # the paper's question at this scale, same recipe
     python bench/bench_smollm2.py --tune --lrs 1e-5,3e-5       # choose the lr: tuning seed 100, validation questions
+    python bench/bench_smollm2.py --tune --methods PPO,GRPO --lrs 3e-6,1e-5,3e-5   # the baselines' own lr, the same way
     python bench/bench_smollm2.py --report                     # tables and the curve from the runs recorded
     python bench/bench_smollm2.py --time-warm-start            # the warm start again, alone: its wall time
 
@@ -14,7 +15,7 @@ knows English and chat turns: 100 steps where the 1M-parameter model needs 1000)
 Protocol (as bench_learning.py): settings are chosen on tuning seed 100 with `--eval-split valid` (questions disjoint
 from train and eval), never on the reported seeds; reported runs are evaluated greedily on the eval split. `--tune`
 makes its own warm start on the tuning seed (TUNE_WARM: the same steps, evaluated on the validation questions) and
-runs RL from it at each learning rate.
+runs RL from it for each of --methods at each learning rate.
 Resumable: a finished run folder (complete metrics.jsonl) is skipped, an interrupted one continues with --resume
 (exact); each finished run's summary is written to results/smollm2.json as soon as it ends, so a later session on a
 fresh checkout reports it without the run folders. Every record names the machine and library versions.
@@ -94,6 +95,11 @@ def ci95(xs):
     return m, T975[len(xs) - 2] * sd / len(xs) ** 0.5
 
 
+def tune_key(method: str, lr: str) -> str:
+    """A tuning run's name: StepPO's as first recorded (tune-lr1e-5), a baseline's with its name (tune-PPO-lr1e-5)."""
+    return f"tune-lr{lr}" if method == "StepPO" else f"tune-{method}-lr{lr}"
+
+
 def load():
     return json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"recipe": RECIPE, "runs": {}}
 
@@ -161,7 +167,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="StepPO")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    ap.add_argument("--tune", action="store_true", help="tuning seed 100 on the validation split, at each of --lrs")
+    ap.add_argument("--tune", action="store_true", help="tuning seed 100 on the validation split: each of --methods at each of --lrs")
     ap.add_argument("--lrs", default="1e-5")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--time-warm-start", action="store_true",
@@ -187,8 +193,8 @@ def main():
         res[key] = {**summary(warm, timing), "flags": flags}
     save(res)
     model = os.path.join(warm, "final")
-    jobs = ([(f"tune-lr{lr}/seed{TUNE_SEED}", ["--lr", lr, "--eval-split", "valid", "--seed", str(TUNE_SEED)])
-             for lr in args.lrs.split(",")] if args.tune else
+    jobs = ([(f"{tune_key(m, lr)}/seed{TUNE_SEED}", [*METHODS[m], "--lr", lr, "--eval-split", "valid", "--seed", str(TUNE_SEED)])
+             for m in args.methods.split(",") for lr in args.lrs.split(",")] if args.tune else
             [(f"{m}/seed{s}", [*METHODS[m], "--seed", str(s)]) for m in args.methods.split(",") for s in map(int, args.seeds.split(","))])
     for name, flags in jobs:
         out, timing = run(name, [*RECIPE, *RL, "--model", model, *flags], iters)
