@@ -209,6 +209,7 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
     loss = LOSSES[cfg.loss]
     per_step, mean_over = loss.ratio == "step", loss.mean_over(cfg)
     stats, skipped, steps, tokens = defaultdict(list), 0, 0, 0
+    steppers = ((opt_p, policy, "grad_norm"),) * train_policy + ((opt_c, critic, "critic_grad_norm"),) * (critic is not None)
     for epoch in range(cfg.epochs):
         for micro in batches:
             st = defaultdict(float)
@@ -237,17 +238,17 @@ def update(cfg, policy, critic, opt_p, opt_c, batches, device, train_policy=True
                     st[key] += v * w_pl
                 st["entropy"] += ent * m.w_tok
                 critic_step(cfg, critic, m, last, st)
-            steppers = ((opt_p, policy, "grad_norm"),) * train_policy + ((opt_c, critic, "critic_grad_norm"),) * (critic is not None)
             for opt, model, key in steppers:
                 norm = scale.optimizer_step(opt, model, cfg.max_grad_norm)  # before the clip; not finite: skipped
-                skipped, steps = skipped + (not math.isfinite(norm)), steps + 1
-                if math.isfinite(norm):
+                ok = math.isfinite(norm)
+                skipped, steps = skipped + (not ok), steps + 1
+                if ok:
                     stats[key].append(norm)
             for key, v in st.items():
                 stats[key].append(v)
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out.setdefault("value_loss", 0.0)
-    for key in ("grad_norm",) * train_policy + ("critic_grad_norm",) * (critic is not None):
+    for _, _, key in steppers:
         out.setdefault(key, float("nan"))  # every step skipped (null in metrics.jsonl)
     return {**out, "skipped_updates": skipped, "optimizer_steps": steps, "train_tokens": tokens}
 
