@@ -1,6 +1,7 @@
 """A long run loses nothing (docs/scaling.md, "Long runs"): a run folder belongs to one run (lock, --overwrite),
 --resume checks its flags, a full disk keeps the checkpoints, bad env values end episodes, failures in a row stop."""
 import errno
+import itertools
 import json
 import os
 import re
@@ -322,7 +323,23 @@ def test_iterations_that_skip_every_update_in_a_row_stop_the_run(tmp_path, monke
         run(tmp_path, "--iters", "5", "--max-failures-in-a-row", "2")
     rows = metric_rows(str(tmp_path / "run"))
     assert [r["iter"] for r in rows] == [0, 1] and all(r["skipped_updates"] == 4 for r in rows)  # 2 minibatches x 2
+    assert all(r["grad_norm"] is None and r["critic_grad_norm"] is None for r in rows)  # no step taken: null
     assert "iteration 0: skipped 4 of 4 updates" in capsys.readouterr().err
+
+
+def test_grad_norms_are_the_mean_over_the_steps_taken(tmp_path, monkeypatch):
+    """grad_norm / critic_grad_norm are the mean of optimizer_step's norms over the iteration's steps, a skipped
+    (non-finite) one left out. Two minibatches, policy then critic in each: policy 2, nan -> 2; critic 4, 6 -> 5."""
+    norms = itertools.cycle([2.0, 4.0, float("nan"), 6.0])
+
+    def step(opt, model, max_norm):
+        opt.zero_grad(set_to_none=True)
+        return next(norms)
+    monkeypatch.setattr(scale, "optimizer_step", step)
+    _, rows = run(tmp_path, "--sft-steps", "0")
+    trained = [r for r in rows if "policy_loss" in r]
+    assert len(trained) == 2 and all(r["skipped_updates"] == 1 for r in trained)
+    assert all(r["grad_norm"] == 2.0 and r["critic_grad_norm"] == 5.0 for r in trained)
 
 
 # ------------------------------------------------------------------------------------------ 6: signals at any point
