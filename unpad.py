@@ -13,9 +13,9 @@ pi_old is still bit for bit what the update computes before it moves the policy.
     padded = stream.pad(out_values)            # (1, T) -> (B, L), zero at padding
 
 The attention is registered in transformers' attention interface as ATTENTION (`use` switches a model to it). Given
-a Stream, each segment runs PyTorch's fused (flash) attention forward with is_causal; with gradients on, its backward
-is `segment_backward` (below) instead of PyTorch's CPU flash backward, which ran ~5x its forward on SmolLM2's shapes
-(docs/benchmarks.md). Without a Stream (generation with a KV cache, a padded forward) it is transformers' SDPA with
+a Stream, each segment runs PyTorch's fused (flash) attention forward with is_causal; with gradients on (CPU), a
+layer's segments are one autograd node (`StreamAttention`) whose backward is `segment_backward` (below) instead of
+PyTorch's CPU flash backward, which ran ~5x its forward on SmolLM2's shapes (docs/benchmarks.md). Without a Stream (generation with a KV cache, a padded forward) it is transformers' SDPA with
 SDPA's mask, unchanged.
 """
 import torch
@@ -65,7 +65,8 @@ def segment_backward(q, k, v, out, lse, d_out, scale):
     P = exp(Q K^T * scale - lse) at and below the diagonal, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)),
     dQ = dS K * scale, dK = dS^T Q * scale. q, out, d_out (1, H, l, D); k, v (1, KV, l, D); lse (1, H, l) fp32. The
     H / KV query heads that share a key head (GQA) are stacked as G * l rows against it, so the products over those
-    rows sum their dK and dV. Under torch.compile (below) the elementwise work fuses into passes over the scores."""
+    rows sum their dK and dV. The scale multiplies dS before its rounding (exact for D = 64's 1/8). Under
+    torch.compile (below) the elementwise work fuses into passes over the scores."""
     _, H, l, D = q.shape
     KV = k.shape[1]
     rows = lambda t: t.reshape(1, KV, H // KV * l, t.shape[-1])  # (1, H, l, X) -> (1, KV, G * l, X)  # noqa: E731
@@ -75,28 +76,46 @@ def segment_backward(q, k, v, out, lse, d_out, scale):
     p = torch.where(causal, torch.exp(s - lse_), 0.0)
     dv = p.to(q.dtype).transpose(-1, -2) @ d_out_  # (1, KV, l, D)
     dp = (d_out_ @ v.transpose(-1, -2)).float()
-    ds = (p * (dp - (d_out_.float() * out_.float()).sum(-1, keepdim=True))).to(q.dtype)
-    return ((ds @ k) * scale).reshape(1, H, l, D), (ds.transpose(-1, -2) @ q_) * scale, dv
+    ds = (p * (dp - (d_out_.float() * out_.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+    return (ds @ k).reshape(1, H, l, D), ds.transpose(-1, -2) @ q_, dv
 
 
 compiled_backward = torch.compile(segment_backward, dynamic=True)  # compiled at the first backward, one graph for all lengths
 
 
-class SegmentAttention(torch.autograd.Function):
-    """Causal attention over one segment: PyTorch's flash forward, `segment_backward`'s gradients."""
+class StreamAttention(torch.autograd.Function):
+    """Causal attention within each segment of a stream, one autograd node per layer: PyTorch's flash forward per
+    segment (grouped key heads as they are: the kernel pairs query head h with key head h // G), written straight
+    into the output's (1, T, H, D) layout; the backward runs `segment_backward` per segment into whole-stream
+    gradients. q (1, H, T, D); k, v (1, KV, T, D); lengths: the segments' lengths, summing to T."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):  # q (1, H, l, D); k, v (1, KV, l, D)
-        groups = q.shape[1] // k.shape[1]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True, scale=scale)[:2]
+    def forward(ctx, q, k, v, lengths, scale):
+        _, H, T, D = q.shape
+        out, lse = q.new_empty(1, T, H, D), q.new_empty(1, H, T, dtype=torch.float32)
+        start = 0
+        for n in lengths:
+            seg = slice(start, start + n)
+            o, lse[:, :, seg] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, :, seg], k[:, :, seg], v[:, :, seg], 0.0, True, scale=scale)[:2]
+            out[0, seg] = o[0].transpose(0, 1)
+            start += n
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
+        ctx.lengths, ctx.scale = lengths, scale
+        return out  # (1, T, H, D)
 
     @staticmethod
-    def backward(ctx, d_out):
-        return *compiled_backward(*ctx.saved_tensors, d_out, ctx.scale), None
+    def backward(ctx, d_out):  # d_out (1, T, H, D)
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        start = 0
+        for n in ctx.lengths:
+            seg = slice(start, start + n)
+            dq[:, :, seg], dk[:, :, seg], dv[:, :, seg] = compiled_backward(
+                q[:, :, seg], k[:, :, seg], v[:, :, seg], out[:, seg].transpose(1, 2), lse[:, :, seg],
+                d_out[:, seg].transpose(1, 2), ctx.scale)
+            start += n
+        return dq, dk, dv, None, None
 
 
 @torch.compiler.disable  # a Python loop over the segments, eager between the compiled parts of a layer (--compile)
@@ -108,9 +127,9 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError(f"--remove-padding: the model's attention dropout {dropout} (segment attention has none)")
     unpad_stream.attended = True
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    own = query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
-    parts = [SegmentAttention.apply(q, k, v, scale) if own else
-             F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+        return StreamAttention.apply(query, key, value, unpad_stream.lengths, scale), None
+    parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
              for q, k, v in zip(*(t.split(unpad_stream.lengths, dim=2) for t in (query, key, value)))]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 

@@ -480,26 +480,33 @@ def test_an_unpadded_forward_through_a_model_not_switched_to_segment_attention_i
 
 
 def test_segment_backward_equals_autograd_through_causal_attention(one_thread):
-    """unpad.segment_backward (the gradients --remove-padding's attention uses on CPU) against autograd through
-    attention written out in fp64 (softmax of masked scores), with grouped heads (GQA) and one-token segments."""
-    from unpad import SegmentAttention
+    """unpad.StreamAttention (flash forward per segment, unpad.segment_backward's gradients: what --remove-padding's
+    attention uses on CPU with gradients) against autograd through attention written out in fp64 (softmax of masked
+    scores) one segment at a time, with grouped heads (GQA), a one-token segment and several segments in one stream."""
+    from unpad import StreamAttention
     g = torch.Generator().manual_seed(0)
-    for l, heads, kv in ((1, 2, 1), (7, 4, 2), (33, 6, 3)):
-        q, k, v = (torch.randn(1, n, l, 8, generator=g, dtype=torch.float64) for n in (heads, kv, kv))
-        d_out = torch.randn(1, heads, l, 8, generator=g, dtype=torch.float64)
+    for lengths, heads, kv in (([1], 2, 1), ([7], 4, 2), ([33], 6, 3), ([5, 1, 12], 6, 3)):
+        T = sum(lengths)
+        q, k, v = (torch.randn(1, n, T, 8, generator=g, dtype=torch.float64) for n in (heads, kv, kv))
+        d_out = torch.randn(1, T, heads, 8, generator=g, dtype=torch.float64)  # the output's layout (1, T, H, D)
         grads = []
         for own in (True, False):
             x = [t.clone().float().requires_grad_() for t in (q, k, v)] if own else [t.clone().requires_grad_() for t in (q, k, v)]
             if own:
-                out = SegmentAttention.apply(*x, 8 ** -0.5)
-            else:  # the loop-free definition: softmax over the keys at or before each query
-                kk, vv = (t.repeat_interleave(heads // kv, 1) for t in x[1:])
-                scores = (x[0] @ kk.transpose(-1, -2)) * 8 ** -0.5
-                out = scores.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ vv
+                out = StreamAttention.apply(*x, lengths, 8 ** -0.5)  # (1, T, H, D)
+            else:  # the loop-free definition per segment: softmax over its keys at or before each query
+                parts, start = [], 0
+                for n in lengths:
+                    qq, kk, vv = (t[:, :, start:start + n] for t in x)
+                    kk, vv = (t.repeat_interleave(heads // kv, 1) for t in (kk, vv))
+                    scores = (qq @ kk.transpose(-1, -2)) * 8 ** -0.5
+                    parts.append(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ vv)
+                    start += n
+                out = torch.cat(parts, 2).transpose(1, 2)
             (out * (d_out.float() if own else d_out)).sum().backward()
             grads.append([out.detach().double()] + [t.grad.double() for t in x])
         for a, b in zip(*grads):
-            assert torch.allclose(a, b, atol=1e-5), (l, heads, kv)
+            assert torch.allclose(a, b, atol=1e-5), (lengths, heads, kv)
 
 
 @pytest.mark.parametrize("pack", [True, False])
