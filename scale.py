@@ -183,8 +183,14 @@ def compile_layers(model):
     the matrix products (RMSNorm, rotary, SwiGLU, residuals; forward and backward) into generated kernels; a forward
     with a KV cache (generation) stays eager. The layers share one code object, so one compilation serves all of them
     (a few variants: grad on / off, train / eval mode; dynamic sequence lengths). Not bit-identical to eager (other
-    fusion, other rounding). Measured on SmolLM2-135M: docs/benchmarks.md."""
+    fusion, other rounding). Measured on SmolLM2-135M: docs/benchmarks.md.
+    Inductor's emulate_precision_casts: a fused kernel rounds each intermediate to bf16 where the eager op would, so
+    the graph compiled with gradients (the update) and the one without (the no-grad pass) give the same bits whatever
+    each kept in registers; without it, under --remove-padding they differed by bf16 roundings and StepPO's step clip
+    (1 +- 3e-4) bound on most steps of the first minibatch, where the ratio must be exactly 1."""
+    import torch._inductor.config as inductor_config
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # past it: eager
+    inductor_config.emulate_precision_casts = True
     for layer in decoder_layers(model):
         eager, compiled = layer.forward, torch.compile(layer.forward, dynamic=True)
 

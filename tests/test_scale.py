@@ -447,6 +447,21 @@ def test_compiled_layers_compute_what_eager_ones_do_and_generation_stays_eager(o
         assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
 
 
+def test_compiled_bf16_update_starts_from_pi_old_bit_for_bit(one_thread):
+    """--dtype bf16 --compile (with and without --remove-padding): the update's first forward of the policy (a graph
+    compiled with gradients) gives the log-probs the no-grad pass stored as pi_old (a graph compiled without) bit for
+    bit, so every step's ratio starts at exactly 1. StepPO clips a step's ratio at 1 +- 3e-4, below bf16's rounding:
+    graphs that rounded an intermediate in one place and not in the other clipped most steps before the policy moved
+    (scale.compile_layers sets inductor's emulate_precision_casts)."""
+    for flags in (["--compile"], ["--compile", "--remove-padding"]):
+        cfg = train.parse_config(ARGS + ["--model", "tiny", "--dtype", "bf16", *flags])
+        policy, policy_run, critic, critic_run, ref, tok = scale.load_models(cfg, CPU, "step")
+        batches, fwd, _ = one_iteration(cfg, policy_run, critic_run, ref, synthetic(0) + synthetic(1), tok.pad_token_id, CPU)
+        for m in (m for micro in batches for m in micro):
+            lp, _ = step_logprobs(policy_run, m.b, False, cfg.micro_tokens > 0, cfg.remove_padding)  # with gradients
+            assert lp.requires_grad and torch.equal(lp.detach(), m.out["old_lp"]), flags
+
+
 def test_stream_lays_the_real_tokens_end_to_end():
     """unpad.Stream on a hand-worked (2, 4) batch: rows of 3 and 2 real tokens."""
     from unpad import Stream
