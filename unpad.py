@@ -15,8 +15,8 @@ pi_old is still bit for bit what the update computes before it moves the policy.
 The attention is registered in transformers' attention interface as ATTENTION (`use` switches a model to it). Given
 a Stream, each segment runs PyTorch's fused (flash) attention forward with is_causal; with gradients on (CPU), a
 layer's segments are one autograd node (`StreamAttention`) whose backward is `segment_backward` (below) instead of
-PyTorch's CPU flash backward, which ran ~5x its forward on SmolLM2's shapes (docs/benchmarks.md). Without a Stream (generation with a KV cache, a padded forward) it is transformers' SDPA with
-SDPA's mask, unchanged.
+PyTorch's CPU flash backward, which ran ~5x its forward on SmolLM2's shapes (docs/benchmarks.md). Without a Stream
+(generation with a KV cache, a padded forward) it is transformers' SDPA with SDPA's mask, unchanged.
 """
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,14 @@ def segment_backward(q, k, v, out, lse, d_out, scale):
 compiled_backward = torch.compile(segment_backward, dynamic=True)  # compiled at the first backward, one graph for all lengths
 
 
+def segments(lengths):
+    """The stream positions of each segment, as slices: lengths [3, 2] -> slice(0, 3), slice(3, 5)."""
+    start = 0
+    for n in lengths:
+        yield slice(start, start + n)
+        start += n
+
+
 class StreamAttention(torch.autograd.Function):
     """Causal attention within each segment of a stream, one autograd node per layer: PyTorch's flash forward per
     segment (grouped key heads as they are: the kernel pairs query head h with key head h // G), written straight
@@ -93,13 +101,10 @@ class StreamAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, lengths, scale):
         _, H, T, D = q.shape
         out, lse = q.new_empty(1, T, H, D), q.new_empty(1, H, T, dtype=torch.float32)
-        start = 0
-        for n in lengths:
-            seg = slice(start, start + n)
+        for seg in segments(lengths):
             o, lse[:, :, seg] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q[:, :, seg], k[:, :, seg], v[:, :, seg], 0.0, True, scale=scale)[:2]
             out[0, seg] = o[0].transpose(0, 1)
-            start += n
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.lengths, ctx.scale = lengths, scale
         return out  # (1, T, H, D)
@@ -108,13 +113,10 @@ class StreamAttention(torch.autograd.Function):
     def backward(ctx, d_out):  # d_out (1, T, H, D)
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        start = 0
-        for n in ctx.lengths:
-            seg = slice(start, start + n)
+        for seg in segments(ctx.lengths):
             dq[:, :, seg], dk[:, :, seg], dv[:, :, seg] = compiled_backward(
                 q[:, :, seg], k[:, :, seg], v[:, :, seg], out[:, seg].transpose(1, 2), lse[:, :, seg],
                 d_out[:, seg].transpose(1, 2), ctx.scale)
-            start += n
         return dq, dk, dv, None, None
 
 
