@@ -7,7 +7,8 @@ generation, each as a fraction of the GEMM rate measured in the same run.
     python bench/bench_cpu_limit.py --model tiny --dtypes bf16 --json-out /tmp/x.json    # a quick look
 
 The machine's limit: the best of 10 square 2048 x 2048 matrix products (2 M N K FLOP each) in fp32 and in bf16, on
-every thread torch uses, measured before the models and again after them; each share below is against the higher of
+every thread torch uses (fewer past 60 s: on a CPU without bf16 instructions one bf16 product takes minutes),
+measured before the models and again after them; each share below is against the higher of
 the two (the machine's speed drifts within a run). After the models, the forward product of each of the model's
 linear shapes over one micro-batch of the update's tokens is timed too, and each part's share of the best GEMM rate
 measured at any shape is recorded beside it (`of_best_bf16_gemm`): a square 2048^3 product is not always the fastest
@@ -49,7 +50,7 @@ from timing import best_of  # noqa: E402
 
 
 def gemm_rate(dtype, n=2048, reps=10) -> float:
-    """GFLOP/s of the best of `reps` n x n x n products (after 3 untimed ones)."""
+    """GFLOP/s of the best of `reps` n x n x n products (after 3 untimed ones; fewer past 60 s)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return rate(lambda: a @ b, 2 * n ** 3, reps)
 
@@ -130,7 +131,7 @@ def main():
     ap.add_argument("--json-out", default=os.path.join(ROOT, "bench", "results", "cpu_limit.json"))
     args = ap.parse_args()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    print(f"GEMM 2048^3: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s", flush=True)
+    print(f"GEMM 2048^3: fp32 {gemm['fp32']:.4g} GFLOP/s, bf16 {gemm['bf16']:.4g} GFLOP/s", flush=True)
     settings = [[]] + [["--compile"]] * args.compile + [["--compile"] * args.compile + ["--remove-padding"]] * args.remove_padding
     runs = []
     for flags in settings:
@@ -139,7 +140,7 @@ def main():
             print(f"{dtype} {' '.join(flags) or 'eager'}: " + ", ".join(f"{part} {runs[-1][part]['tokens_per_s']:.0f} tokens/s"
                                                                   for part in ("update", "no_grad_pass", "generation")), flush=True)
     gemm_after = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    print(f"GEMM 2048^3 after the models: fp32 {gemm_after['fp32']:.0f} GFLOP/s, bf16 {gemm_after['bf16']:.0f} GFLOP/s", flush=True)
+    print(f"GEMM 2048^3 after the models: fp32 {gemm_after['fp32']:.4g} GFLOP/s, bf16 {gemm_after['bf16']:.4g} GFLOP/s", flush=True)
     limit = {d: max(gemm[d], gemm_after[d]) for d in gemm}
     # the model's own products (its linear layers' shapes over a micro-batch of the update's tokens), after the models
     layers = {d: layer_gemm_rates(runs[0]["linear_shapes"], runs[0]["micro_batch_tokens"], dt)

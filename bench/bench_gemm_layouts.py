@@ -33,9 +33,9 @@ from timing import best_of  # noqa: E402
 SHAPES = {"gate/up": (576, 1536), "down": (1536, 576), "q/o": (576, 576), "k/v": (576, 192)}  # (K, N)
 
 
-def rate(product, flop: int, reps: int) -> float:
-    """GFLOP/s of the best of `reps` calls of `product` (after 3 untimed ones)."""
-    return flop / best_of(product, reps, warmup=3)[0] / 1e9
+def rate(product, flop: int, reps: int, budget_s: float = 60.0) -> float:
+    """GFLOP/s of the best of `reps` calls of `product` (after 3 untimed ones; fewer past `budget_s` seconds)."""
+    return flop / best_of(product, reps, warmup=3, budget_s=budget_s)[0] / 1e9
 
 
 def layouts(T: int, K: int, N: int, dtype, reps: int) -> dict:

@@ -943,3 +943,23 @@ def test_filter_groups_runs_end_to_end(tmp_path):
     _, rows = run(tmp_path, "--filter-groups", "--filter-rounds", "1", "--env-kwargs", '{"invalid_penalty": 0.1}')
     trained = [r for r in rows if "policy_loss" in r]
     assert len(trained) == 2 and all(0 <= r["filtered_groups"] <= 1 and r["sampling_rounds"] in (0, 1) for r in trained)
+
+
+def test_bench_timing_takes_the_fastest_call_and_stops_at_its_budget():
+    """bench/timing.py's best_of: the fastest of the timed calls after the untimed ones; past budget_s it stops
+    early, after one untimed and one timed call (a bf16 product emulated on a CPU without bf16 instructions can take
+    minutes), and without a budget every call runs."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import time
+    from timing import best_of
+    calls, sleeps = [], iter([0.0, 0.0, 0.0, 0.03, 0.01, 0.02])
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(sleeps))
+        return len(calls)
+    best, out = best_of(fn, reps=3, warmup=3)
+    assert len(calls) == 6 and out == 6 and 0.01 <= best < 0.02
+    calls.clear()
+    assert best_of(lambda: calls.append(1), reps=10, warmup=3, budget_s=0.0)[0] < 1 and len(calls) == 2
