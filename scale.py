@@ -98,6 +98,16 @@ def even(items: list, device) -> list[tuple]:
 
 
 # ------------------------------------------------------------------------------------------ precision and sharding
+def cpu_emulates_bf16(cfg, device) -> bool:
+    """True for --dtype bf16 on a CPU with neither AVX-512 BF16 nor AMX: there a bf16 matrix product has no
+    instructions of its own and is emulated (on a 2-core AMD EPYC with AVX2 only, by PyTorch's fallback: a square
+    2048^3 product 0.2 GFLOP/s in bf16 against 82 in fp32, SmolLM2-135M's update 19x slower than in fp32), so train.py
+    warns: the run is correct, only slower. docs/benchmarks.md, 'A CPU without bf16 instructions'."""
+    has = lambda name: bool(getattr(torch.cpu, name, lambda: False)())  # noqa: E731  (private in torch 2.13)
+    return (cfg.dtype == "bf16" and device.type == "cpu"
+            and not has("_is_avx512_bf16_supported") and not has("_is_amx_tile_supported"))
+
+
 def prepare(model, cfg, device, train=True):
     """Lay out `model` (policy, critic or reference) for this run; returns what the losses call (DDP's wrapper, or the
     model itself, or a bf16 twin). --grad-ckpt: non-reentrant activation checkpointing (trained models). --dtype bf16:

@@ -287,6 +287,11 @@ def run(cfg: Config, preempted):
     if device.type == "cpu":
         scale.keep_freed_memory()  # no page faults for each large tensor again (glibc; docs/benchmarks.md)
     run_dir.claim(cfg, master, device)  # --out is this job's: writable, locked, no other run's files (or --overwrite)
+    if master and scale.cpu_emulates_bf16(cfg, device):
+        print("warning: --dtype bf16 on a CPU with neither AVX-512 BF16 nor AMX: its bf16 matrix products are emulated "
+              "(SmolLM2-135M's update ran 19x slower than in fp32 on one such CPU): use --dtype fp32 unless "
+              "bench/bench_cpu_limit.py shows otherwise here "
+              "(docs/benchmarks.md, 'A CPU without bf16 instructions')", file=sys.stderr)
     base_model = checkpoint.model_fingerprint(cfg.model)  # in every checkpoint: LoRA adapters resume on their base only
     if cfg.resume:
         checkpoint.check_resume(cfg, base_model, lr_factor)  # the flags are the run's (meta.json), before models load

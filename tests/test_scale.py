@@ -378,12 +378,27 @@ def test_bf16_twin_computes_in_bf16_and_steps_fp32_masters():
     assert all(torch.equal(t, p.to(torch.bfloat16)) for t, p in zip(policy_ddp.parameters(), policy.parameters()))
 
 
-def test_bf16_run_resumes_exactly_and_its_engine_matches_the_trainer(tmp_path):
+@pytest.mark.parametrize("avx512_bf16, amx, dtype, device, warns", [
+    (False, False, "bf16", "cpu", True), (True, False, "bf16", "cpu", False), (False, True, "bf16", "cpu", False),
+    (False, False, "fp32", "cpu", False), (False, False, "bf16", "cuda", False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(monkeypatch, avx512_bf16, amx, dtype, device, warns):
+    """--dtype bf16 on a CPU with neither AVX-512 BF16 nor AMX (emulated bf16 products): flagged; not with either of
+    them, not for fp32, not on a GPU."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cfg = train.parse_config(["--dtype", dtype])
+    assert scale.cpu_emulates_bf16(cfg, torch.device(device)) is warns
+
+
+def test_bf16_run_resumes_exactly_and_its_engine_matches_the_trainer(tmp_path, capsys):
     """A one-process --dtype bf16 run: the HF engine generates with the bf16 twin, so engine_kl is bf16 noise at most,
-    and --resume (masters and Adam states from the checkpoint, the twin refreshed from them) continues exactly."""
+    and --resume (masters and Adam states from the checkpoint, the twin refreshed from them) continues exactly. On a
+    CPU without bf16 instructions (this one or not) the run says so once, at its start."""
     flags = [*TINY, "--dtype", "bf16", "--micro-tokens", "64", "--iters", "3"]
     full = str(tmp_path / "full")
     train.main(train.parse_config([*flags, "--out", full]))
+    warned = capsys.readouterr().err.count("warning: --dtype bf16 on a CPU with neither AVX-512 BF16 nor AMX")
+    assert warned == (0 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else 1)
     cut = str(tmp_path / "cut")
     train.main(train.parse_config([*flags, "--out", cut, "--iters", "1"]))
     train.main(train.parse_config([*flags, "--out", cut, "--resume"]))
