@@ -6,6 +6,7 @@
     python bench/bench_smollm2.py --tune --methods PPO,GRPO --lrs 3e-6,1e-5,3e-5   # the baselines' own lr, the same way
     python bench/bench_smollm2.py --report                     # tables and the curve from the runs recorded
     python bench/bench_smollm2.py --time-warm-start            # the warm start again, alone: its wall time
+    python bench/bench_smollm2.py --tag avx512bf16 --seeds 0   # on another machine, into results/smollm2-avx512bf16.json
 
 The recipe (RECIPE below; `train.py` flags only): bf16 on CPU (one process: a bf16 twin over fp32 masters), micro-
 batches with the LM head at action tokens, a short warm start on the impatient expert's demonstrations (SmolLM2
@@ -32,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "runs", "bench_smollm2")
 RESULTS = os.path.join(ROOT, "bench", "results", "smollm2.json")
+PLOT = os.path.join(ROOT, "bench", "results", "smollm2_multihop.png")
 RECIPE = ["--dtype", "bf16", "--micro-tokens", "4096", "--envs-per-iter", "16",
           "--group-size", "4", "--eval-every", "10", "--eval-episodes", "64"]
 WARM = ["--model", "smollm2-135m", "--iters", "0", "--sft-steps", "100", "--sft-lr", "3e-5", "--sft-episodes", "128", "--seed", "0"]
@@ -128,7 +130,7 @@ def report(res):
 
 
 def plot(res):
-    """results/smollm2_multihop.png: the tiny model's default run (seeds 0-2, 2026-11-27, results/default_run.json)
+    """results/smollm2_multihop.png (PLOT): the tiny model's default run (seeds 0-2, 2026-11-27, results/default_run.json)
     beside SmolLM2's recipe (every reported run: a colour per method, StepPO solid, PPO / GRPO dotted, a marker per
     seed), held-out greedy success per iteration."""
     import matplotlib
@@ -160,7 +162,7 @@ def plot(res):
     right.legend(fontsize=6.5, loc="upper left", framealpha=0.7)  # above the curves: none starts above 0.25
     fig.suptitle("Held-out success on multihop, 2 CPU cores (StepPO unless named)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "bench", "results", "smollm2_multihop.png"), dpi=110)
+    fig.savefig(PLOT, dpi=110)
 
 
 def main():
@@ -173,7 +175,15 @@ def main():
     ap.add_argument("--time-warm-start", action="store_true",
                     help="the shared warm start again, alone, into runs/bench_smollm2/warm-retime: its wall time and "
                          "whether it repeats the recorded one's held-out success (the seeds keep using warm/final)")
+    ap.add_argument("--tag", help="a replication (another machine): its own warm start, runs, results and plot, "
+                                  "runs/bench_smollm2-TAG and results/smollm2-TAG.json / smollm2-TAG_multihop.png")
     args = ap.parse_args()
+    if args.tag:
+        if not args.tag.replace("-", "").replace("_", "").isalnum():
+            raise SystemExit(f"--tag {args.tag!r}: letters, digits, - and _ only (it names a folder and files)")
+        global RUNS, RESULTS, PLOT
+        RUNS = f"{RUNS}-{args.tag}"
+        RESULTS, PLOT = (os.path.join(ROOT, "bench", "results", f"smollm2-{args.tag}{end}") for end in (".json", "_multihop.png"))
     res = load()
     if args.report:
         return report(res)
