@@ -158,6 +158,7 @@ def test_lora_run_resumes_exactly_and_writes_a_merged_final_with_its_adapter(tmp
     assert run["config"]["lora_rank"] == 4 and "peft" in run["versions"]
 
 
+@pytest.mark.slow  # two torchrun runs, 41-118 s on 2 cores (bf16 without bf16 instructions the longest): CI's slow tier
 def test_lora_under_fsdp_bf16_two_processes_resumes_exactly(tmp_path):
     """torchrun --nproc_per_node 2 --fsdp --dtype bf16 --lora-rank 4 (gloo, CPU): FSDP2 shards units whose base
     weights are frozen and whose adapters train; the sharded load fills the adapters from rank 0; resuming from
