@@ -113,7 +113,7 @@ def save(res):
     os.replace(RESULTS + ".tmp", RESULTS)
 
 
-def report(res):
+def report(res, tag=None):
     print(f"recipe: {' '.join(RECIPE)} | warm start: {' '.join(WARM)} | RL: {' '.join(RL)}")
     by = {}
     for key, s in sorted(res["runs"].items()):
@@ -126,10 +126,10 @@ def report(res):
     for method, gains in by.items():
         m, h = ci95(gains)
         print(f"{method}: mean gain {m:+.3f}, 95% CI [{m - h:+.3f}, {m + h:+.3f}] over {len(gains)} seeds")
-    plot(res)
+    plot(res, tag)
 
 
-def plot(res):
+def plot(res, tag=None):
     """results/smollm2_multihop.png (PLOT): the tiny model's default run (seeds 0-2, 2026-11-27, results/default_run.json)
     beside SmolLM2's recipe (every reported run: a colour per method, StepPO solid, PPO / GRPO dotted, a marker per
     seed), held-out greedy success per iteration."""
@@ -144,7 +144,7 @@ def plot(res):
     left.set(title="tiny model (1M, built here), python train.py", xlabel="iteration", ylabel="held-out greedy success",
              ylim=(-0.02, 1.02))
     tune = os.path.join(ROOT, "bench", "results", "smollm2_tune_seed100.json")
-    if os.path.exists(tune):  # how the recipe was chosen: dashed, on the validation questions
+    if os.path.exists(tune) and not tag:  # how the recipe was chosen (dashed, validation questions; not a replication's)
         with open(tune) as f:
             right.plot(*zip(*json.load(f)["eval"]), "o--", ms=3, color="grey", label="seed 100 (tuning, valid split)")
     colors, labelled = {"StepPO": "tab:blue", "PPO": "tab:orange", "GRPO": "tab:green"}, set()
@@ -157,7 +157,7 @@ def plot(res):
                    color=colors.get(method, "black"),
                    label=None if method in labelled else f"{method}, seeds {', '.join(seeds)} (o s ^; eval split)")
         labelled.add(method)
-    right.set(title="SmolLM2-135M-Instruct, bench/bench_smollm2.py", xlabel="iteration")
+    right.set(title="SmolLM2-135M-Instruct, bench/bench_smollm2.py" + (f"\n--tag {tag}" if tag else ""), xlabel="iteration")
     left.legend(fontsize=7)
     right.legend(fontsize=6.5, loc="upper left", framealpha=0.7)  # above the curves: none starts above 0.25
     fig.suptitle("Held-out success on multihop, 2 CPU cores (StepPO unless named)", fontsize=10)
@@ -186,7 +186,7 @@ def main():
         RESULTS, PLOT = (os.path.join(ROOT, "bench", "results", f"smollm2-{args.tag}{end}") for end in (".json", "_multihop.png"))
     res = load()
     if args.report:
-        return report(res)
+        return report(res, args.tag)
     if args.time_warm_start:
         shutil.rmtree(os.path.join(RUNS, "warm-retime"), ignore_errors=True)
         out, timing = run("warm-retime", [*RECIPE, *WARM], 0)
@@ -211,7 +211,7 @@ def main():
         if timing is not None or name not in res["runs"]:
             res["runs"][name] = summary(out, timing)
         save(res)
-    report(res)
+    report(res, args.tag)
 
 
 if __name__ == "__main__":
